@@ -1,4 +1,4 @@
-"""`modelfleet serve` (placeholder until its issue lands)."""
+"""`modelfleet serve`: the launcher, the same command as `python serve_pipeline.py`."""
 
 from __future__ import annotations
 
@@ -6,10 +6,18 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("serve", parents=[common], help="serve (not built yet)")
+    from launcher.cli import add_arguments
+
+    p = sub.add_parser(
+        "serve", parents=[common],
+        help="start and supervise the servers of the fleet file that belong to this host",
+        description="Start and supervise the model servers of the fleet file that belong to this host.",
+    )
+    add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("not built yet")
-    return 1
+    from launcher.cli import execute
+
+    return execute(args)
