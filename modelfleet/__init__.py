@@ -22,7 +22,28 @@ from modelfleet.errors import (
 
 __version__ = "0.1.0"
 
+# The client pulls in aiohttp: imported on first use, so `modelfleet --help` and the
+# launcher stay quick.
+_CLIENT_NAMES = ("AsyncModelServer", "ChatResult", "ChatStream", "EmbedResult", "ModelServer",
+                 "ModelStatus", "SyncChatStream")
+
+
+def __getattr__(name: str) -> object:
+    if name in _CLIENT_NAMES:
+        from modelfleet import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'modelfleet' has no attribute {name!r}")
+
+
 __all__ = [
+    "AsyncModelServer",
+    "ChatResult",
+    "ChatStream",
+    "EmbedResult",
+    "ModelServer",
+    "ModelStatus",
+    "SyncChatStream",
     "BenchmarkSpec",
     "ConfigError",
     "FleetConfig",
