@@ -141,9 +141,13 @@ def test_two_sims_start_together_keep_the_key_secret_and_sigterm_stops_every_pro
     for port in (a, b):
         assert re.search(rf"chat 127\.0\.0\.1:{port} RUNNING \(pid \d+, ready in [\d.]+ s\)", out)
         wait_http_ok(f"http://127.0.0.1:{port}/health", timeout=5)
-    # Concurrent: both were spawned before either was ready.
-    first_running = out.index(" RUNNING (")
-    assert out.count(" STARTING (") == 2 and out.rindex(" STARTING (") < first_running
+    # Concurrent: the second was spawned before the first was ready. One after the other,
+    # their spawn times would lie at least one readiness time apart.
+    ready_in = [float(x) for x in re.findall(r" RUNNING \(pid \d+, ready in ([\d.]+) s\)", out)]
+    spawned = [psutil.Process(launcher.running_pid(f"chat 127.0.0.1:{p}")).create_time()
+               for p in (a, b)]
+    assert out.count(" STARTING (") == 2
+    assert abs(spawned[0] - spawned[1]) < min(ready_in)
     assert ready_file.exists()
 
     # The key reaches the engine through its environment: required on the wire, absent from

@@ -1,15 +1,38 @@
-"""`modelfleet demo` (placeholder until its issue lands)."""
+"""`modelfleet demo`: start the simulated fleet, send traffic, break two servers, watch
+the traffic move, print the report, stop everything. The README's first command."""
 
 from __future__ import annotations
 
 import argparse
 
+DEFAULT_DURATION_S = 30.0
+
+
+def _duration(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not 3 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"must be between 3 and 3600 seconds, got {text}")
+    return value
+
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("demo", parents=[common], help="demo (not built yet)")
+    p = sub.add_parser(
+        "demo", parents=[common],
+        help="see the whole thing work on this machine: simulated fleet, traffic, failures",
+        description="Start the simulated fleet of the fleet file with the launcher, send traffic "
+                    "through AsyncModelServer, make one server 10x slower and kill another, show "
+                    "where the traffic goes, print the report, and stop every process it started. "
+                    "Needs no GPU; the servers are simulators.",
+    )
+    p.add_argument("--duration", metavar="S", type=_duration, default=DEFAULT_DURATION_S,
+                   help=f"seconds of traffic (default {DEFAULT_DURATION_S:g})")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    print("not built yet")
-    return 1
+    from modelfleet.demo import run_demo
+
+    return run_demo(args.config, args.duration)
