@@ -63,22 +63,22 @@ def poll(condition: Callable[[], Any], timeout: float = 10.0, what: str = "condi
 
 
 async def async_load(client: AsyncModelServer, n: int, concurrency: int, *, stream: bool = False,
-                     max_tokens: int = 8, model: str = "m",
+                     max_tokens: int | None = 8, model: str = "m",
                      on_done: Callable[[int], None] | None = None) -> list[Outcome]:
     """n chats, at most `concurrency` at once; any error propagates (the point of the tests)."""
     gate = asyncio.Semaphore(concurrency)
     done = 0
+    params = _limit(max_tokens)
 
     async def one() -> Outcome:
         nonlocal done
         async with gate:
             started = time.perf_counter()
             if stream:
-                pieces = [p async for p in client.chat_stream(model, MESSAGES,
-                                                              max_tokens=max_tokens)]
+                pieces = [p async for p in client.chat_stream(model, MESSAGES, **params)]
                 outcome = Outcome("".join(pieces), time.perf_counter() - started, None)
             else:
-                r = await client.chat(model, MESSAGES, max_tokens=max_tokens)
+                r = await client.chat(model, MESSAGES, **params)
                 outcome = Outcome(r.text, time.perf_counter() - started, r.server)
             done += 1
             if on_done is not None:
@@ -89,19 +89,20 @@ async def async_load(client: AsyncModelServer, n: int, concurrency: int, *, stre
 
 
 def sync_load(client: ModelServer, n: int, concurrency: int, *, stream: bool = False,
-              max_tokens: int = 8, model: str = "m",
+              max_tokens: int | None = 8, model: str = "m",
               on_done: Callable[[int], None] | None = None) -> list[Outcome]:
     """The same from a thread pool over one ModelServer."""
     lock = threading.Lock()
     count = [0]
+    params = _limit(max_tokens)
 
     def one(_: int) -> Outcome:
         started = time.perf_counter()
         if stream:
-            text = "".join(client.chat_stream(model, MESSAGES, max_tokens=max_tokens))
+            text = "".join(client.chat_stream(model, MESSAGES, **params))
             outcome = Outcome(text, time.perf_counter() - started, None)
         else:
-            r = client.chat(model, MESSAGES, max_tokens=max_tokens)
+            r = client.chat(model, MESSAGES, **params)
             outcome = Outcome(r.text, time.perf_counter() - started, r.server)
         with lock:
             count[0] += 1
@@ -112,6 +113,11 @@ def sync_load(client: ModelServer, n: int, concurrency: int, *, stream: bool = F
 
     with ThreadPoolExecutor(concurrency) as pool:
         return list(pool.map(one, range(n)))
+
+
+def _limit(max_tokens: int | None) -> dict[str, int]:
+    """None: no max_tokens at all (the client then streams a non-stream chat underneath)."""
+    return {} if max_tokens is None else {"max_tokens": max_tokens}
 
 
 def run_mode(config: FleetConfig, mode: str, stream: bool, n: int, concurrency: int,

@@ -65,6 +65,29 @@ async def test_chat_complete_and_stream_results(start_sim) -> None:
         assert "known models: m" in str(caught.value)
 
 
+async def test_whole_and_streamed_answers_are_identical(start_sim) -> None:
+    # chat() with max_tokens asks for the whole answer in one piece; without it, and
+    # chat_stream(), stream. The caller must not be able to tell them apart.
+    sim = start_sim(speed=50)
+    async with AsyncModelServer(config=fleet([sim])) as client:
+        for limit in ({"max_tokens": 9}, {"max_tokens": 200}, {}):
+            whole = await client.chat("m", MESSAGES, **limit)
+            stream = client.chat_stream("m", MESSAGES, **limit)
+            text = "".join([piece async for piece in stream])
+            assert whole.text == text == stream.text and whole.text, limit
+            assert dict(whole.usage) == dict(stream.usage), limit
+            assert whole.finish_reason == stream.finish_reason, limit
+            # A whole answer has every token at once; a streamed one saw its first earlier.
+            if limit:
+                assert 0 < whole.ttft_s == whole.latency_s, limit
+            else:
+                assert 0 < whole.ttft_s < whole.latency_s
+        done = await client.complete("m", "Once upon a time", max_tokens=5)
+        streamed = await client.complete("m", "Once upon a time")  # streamed underneath
+        assert done.text and streamed.text.startswith(done.text)
+        assert done.usage["completion_tokens"] == 5 and done.finish_reason == "length"
+
+
 def test_sync_results_and_kind_mistakes(start_sim) -> None:
     chat, embed = start_sim(speed=50), start_sim(model="e", kind="embedding", speed=50, dim=8)
     with ModelServer(config=_two_models([chat], [embed])) as client:

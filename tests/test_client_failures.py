@@ -28,11 +28,15 @@ def test_one_failing_server_costs_the_caller_nothing(start_sim, fault: str) -> N
             killed.append(done)
             bad.kill()
 
-    # A hung server must cost about the stall deadline, not request_timeout_s.
+    # A hung server must cost about the stall deadline, not request_timeout_s, whether the
+    # answer is asked for whole (max_tokens given) or streamed underneath (no max_tokens).
     config = fleet(sims, stall_timeout_s=1.0, request_timeout_s=60.0)
-    for mode, stream in MODES:
-        outcomes = run_mode(config, mode, stream, n=30, concurrency=6, on_done=kill_midway)
-        assert len(outcomes) == 30 and all(o.text for o in outcomes), (mode, stream)
+    runs = [*MODES, ("async", False, None)] if fault == "hang" else MODES
+    for mode, stream, *limit in runs:
+        max_tokens = limit[0] if limit else 8
+        outcomes = run_mode(config, mode, stream, n=30, concurrency=6, on_done=kill_midway,
+                            max_tokens=max_tokens)
+        assert len(outcomes) == 30 and all(o.text for o in outcomes), (mode, stream, max_tokens)
         slowest = max(o.seconds for o in outcomes)
         assert slowest < 15, f"{mode} stream={stream}: a request took {slowest:.1f}s"
     if fault == "killed":

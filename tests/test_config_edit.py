@@ -7,7 +7,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from helpers import run_cli
 
 from modelfleet.config import ConfigDocument, load_config
 from modelfleet.errors import ConfigError

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import psutil
-from conftest import ROOT, free_port
+from helpers import ROOT, free_port
 
 DEFAULT_PORTS = (8101, 8102, 8103, 8201, 8202)
 

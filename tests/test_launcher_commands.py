@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, free_port, http_json, run_cli, wait_http_ok, write_fleet
+from helpers import ROOT, free_port, http_json, run_cli, wait_http_ok, write_fleet
 
 from launcher.commands import SGLANG_KEY_SHIM, backend_flags, cpu_list
 from launcher.gpus import GpuState

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, free_port, http_json, wait_http_ok, write_fleet
+from helpers import ROOT, free_port, http_json, wait_http_ok, write_fleet
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, free_port
+from helpers import ROOT, free_port
 
 README = ROOT / "README.md"
 MAPPED_PORTS = (8101, 8102, 8103, 8201, 8202, 9000)

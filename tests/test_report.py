@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, http_json, run_cli, sim_argv, wait_http_ok, write_fleet
+from helpers import ROOT, free_port, http_json, run_cli, sim_argv, wait_http_ok, write_fleet
 
 API_KEY = "sk-report-test-secret-7f3a"
 

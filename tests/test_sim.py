@@ -25,7 +25,7 @@ import aiohttp
 import openai
 import psutil
 import pytest
-from conftest import (
+from helpers import (
     FIXTURES,
     SimProcess,
     free_port,

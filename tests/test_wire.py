@@ -195,6 +195,32 @@ async def test_live_stream_generate_and_completions(start_sim) -> None:
         await wire.close()
 
 
+async def test_live_whole_answer_equals_the_streamed_one(start_sim) -> None:
+    sim = start_sim(speed=200)
+    wire = Wire()
+    try:
+        for path, body in (("/v1/chat/completions", CHAT),
+                           ("/v1/completions", {"model": "m", "prompt": "Once", "max_tokens": 5})):
+            streamed = await wire.generate(_server(sim), path, body, api_key=None, stall_s=5,
+                                           timeout_s=30)
+            whole = await wire.generate_whole(_server(sim), path, body, api_key=None,
+                                              deadline_s=5)
+            assert whole.ttft_s is None and streamed.ttft_s is not None  # no SSE: not seen
+            assert (whole.text, whole.usage, whole.finish_reason, whole.model,
+                    whole.output_tokens) == (streamed.text, streamed.usage,
+                                             streamed.finish_reason, streamed.model,
+                                             streamed.output_tokens)
+        sim.fault(hang=True)
+        started = time.monotonic()
+        with pytest.raises(EngineFailure) as caught:
+            await wire.generate_whole(_server(sim), "/v1/chat/completions", CHAT, api_key=None,
+                                      deadline_s=0.5)
+        assert caught.value.failure is Failure.TIMEOUT and "answer deadline" in caught.value.reason
+        assert time.monotonic() - started < 10
+    finally:
+        await wire.close()
+
+
 async def test_live_embeddings_base64_equal_float_answer(start_sim) -> None:
     sim = start_sim(model="e", kind="embedding", speed=200, dim=32)
     wire = Wire()
