@@ -27,7 +27,10 @@ module>` from that interpreter (vLLM: `vllm.entrypoints.openai.api_server
 and `{cpus}` are filled in. `device: cpu` drops the GPU flags and CUDA
 variables (and tells SGLang `--device cpu`); a server's `cpus: [0, 1]` binds a CPU engine's threads
 (`VLLM_CPU_OMP_THREADS_BIND=0-1`, SGLang's `SGLANG_CPU_OMP_THREADS_BIND`) the
-way `gpus` sets `CUDA_VISIBLE_DEVICES`. The model's `env:` is added last
+way `gpus` sets `CUDA_VISIBLE_DEVICES`, and the guard sets the CPU affinity of
+the whole engine process to those CPUs (its children inherit it): vLLM-CPU's
+engine core busy-waits outside the OpenMP threads and would otherwise take a
+core of the replica next to it. The model's `env:` is added last
 but one (before the key), so it can override anything else the launcher sets.
 """
 
@@ -81,6 +84,7 @@ class LaunchSpec:
     gpus: tuple[int, ...] = ()  # GPUs it starts on (one start at a time per GPU)
     need_gb: tuple[tuple[int, float], ...] = ()  # free memory to wait for, per GPU
     memory_fraction: float | None = None
+    cpus: tuple[int, ...] = ()  # CPU affinity of the whole engine (its children inherit it)
 
     def shown_env(self) -> dict[str, str]:
         return {k: MASK if k in self.secret_env else v for k, v in sorted(self.env.items())}
@@ -279,4 +283,5 @@ def build_launch(local: LocalServer, share: MemoryShare, log_dir: Path) -> Launc
         gpus=tuple(local.server.gpus) if local.on_gpu else (),
         need_gb=share.need_gb,
         memory_fraction=share.fraction,
+        cpus=tuple(local.server.cpus),
     )

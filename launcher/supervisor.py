@@ -324,6 +324,7 @@ class ServerProcess:
             "secrets": list(spec.secrets()),
             "log_max_bytes": self.options.log_max_bytes,
             "log_backups": self.options.log_backups,
+            "cpus": list(spec.cpus),
         }
         # The guard gets its own session, so a Ctrl-C in the launcher's terminal reaches only
         # the launcher, which then stops the servers in order.

@@ -62,7 +62,8 @@ class ChatResult:
     usage: Mapping[str, int]
     server: str  # host:port that answered
     latency_s: float  # from the request going out to its last byte
-    ttft_s: float  # from the request going out to its first token
+    ttft_s: float  # from the request going out to its first token (a whole answer, asked
+    #               for in one piece when max_tokens is given, has all its tokens at latency_s)
     finish_reason: str | None
     model: str  # the model name the server reported
 
@@ -255,17 +256,20 @@ class AsyncModelServer:
         """A chat completion from the best server; extra keywords go to the server."""
         route = await self._ready(model, "chat")
         body = {**params, "model": route.spec.wire_name, "messages": list(messages)}
-        work = Work.for_chat(messages, _max_tokens(params))
-        return await self._generate(route, "/v1/chat/completions", body, work, affinity)
+        max_tokens = _max_tokens(params)
+        work = Work.for_chat(messages, max_tokens)
+        return await self._generate(route, "/v1/chat/completions", body, work, affinity,
+                                    whole=max_tokens is not None)
 
     async def complete(self, model: str, prompt: str, *, affinity: str | None = None,
                        **params: Any) -> ChatResult:
         """A text completion (`/v1/completions`) of `prompt`."""
         route = await self._ready(model, "chat")
         body = {**params, "model": route.spec.wire_name, "prompt": prompt}
-        work = Work.for_prompt(prompt if isinstance(prompt, str) else str(prompt),
-                               _max_tokens(params))
-        return await self._generate(route, "/v1/completions", body, work, affinity)
+        max_tokens = _max_tokens(params)
+        work = Work.for_prompt(prompt if isinstance(prompt, str) else str(prompt), max_tokens)
+        return await self._generate(route, "/v1/completions", body, work, affinity,
+                                    whole=max_tokens is not None)
 
     def chat_stream(self, model: str, messages: Sequence[Mapping[str, Any]], *,
                     affinity: str | None = None, **params: Any) -> ChatStream:
@@ -510,10 +514,11 @@ class AsyncModelServer:
         return route
 
     async def _attempts(self, route: _Route, work: Work, affinity: str | None,
-                        attempt: Callable[[ServerSpec, float], Awaitable[T]],
-                        ) -> tuple[Endpoint, T]:
+                        attempt: Callable[[ServerSpec, float], Awaitable[T]], *,
+                        whole: bool = False) -> tuple[Endpoint, T]:
         """Run `attempt` on servers until one succeeds; returns it with its endpoint still
-        begun (the caller observes the success and ends it).
+        begun (the caller observes the success and ends it). `attempt` gets the server and
+        its deadline: the stall deadline, or with `whole` the deadline of a whole answer.
 
         Each retry goes to a server not tried yet while one is left, pauses (jittered,
         growing) only once all were tried, and must be allowed by the retry budget.
@@ -532,8 +537,9 @@ class AsyncModelServer:
                 if endpoint is None:
                     break  # no server at all
             server = route.servers[endpoint.address]
-            stall_s = endpoint.stall_deadline(floor_s=routing.stall_timeout_s,
-                                              ceiling_s=routing.request_timeout_s, work=work)
+            deadline = endpoint.answer_deadline if whole else endpoint.stall_deadline
+            stall_s = deadline(floor_s=routing.stall_timeout_s,
+                               ceiling_s=routing.request_timeout_s, work=work)
             endpoint.begin()
             try:
                 value = await attempt(server, stall_s)
@@ -570,16 +576,24 @@ class AsyncModelServer:
             self._rng.uniform(0.5, 1.0)
 
     async def _generate(self, route: _Route, path: str, body: dict[str, Any], work: Work,
-                        affinity: str | None) -> ChatResult:
+                        affinity: str | None, *, whole: bool) -> ChatResult:
+        """A whole chat or completion. With `whole` (its length bounded by max_tokens) it
+        is asked for in one piece under a deadline for the whole answer, which spares a
+        busy engine a chunk per token; else it is streamed underneath, so that a server
+        gone silent is caught by the stall deadline."""
         api_key = route.spec.api_key
         timeout_s = route.routing.request_timeout_s
         wire = self._wire
 
-        def attempt(server: ServerSpec, stall_s: float) -> Awaitable[Any]:
-            return wire.generate(server, path, body, api_key=api_key, stall_s=stall_s,
+        def attempt(server: ServerSpec, deadline_s: float) -> Awaitable[Any]:
+            if whole:
+                return wire.generate_whole(server, path, body, api_key=api_key,
+                                           deadline_s=deadline_s)
+            return wire.generate(server, path, body, api_key=api_key, stall_s=deadline_s,
                                  timeout_s=timeout_s)
 
-        endpoint, generation = await self._attempts(route, work, affinity, attempt)
+        endpoint, generation = await self._attempts(route, work, affinity, attempt,
+                                                    whole=whole)
         try:
             endpoint.observe_success(ttft_s=generation.ttft_s, total_s=generation.total_s,
                                      work=work, output_tokens=generation.output_tokens)
@@ -588,7 +602,9 @@ class AsyncModelServer:
         self._maybe_benchmark(route)
         return ChatResult(text=generation.text, usage=generation.usage,
                           server=endpoint.address, latency_s=generation.total_s,
-                          ttft_s=generation.ttft_s, finish_reason=generation.finish_reason,
+                          ttft_s=(generation.total_s if generation.ttft_s is None
+                                  else generation.ttft_s),
+                          finish_reason=generation.finish_reason,
                           model=generation.model)
 
     async def _embed_batch(self, route: _Route, batch: list[str], as_numpy: bool,

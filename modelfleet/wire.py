@@ -6,9 +6,12 @@ terms: a finished generation with its timings, a `QueueSample` from /metrics, or
 on its merits (a 4xx other than 401/403/404) becomes `RequestRejected`, which the
 client never retries.
 
-Generations are always streamed (SSE), even when the caller wants the whole text:
-that is how a server that accepted a request and then went silent is noticed after
-the stall deadline instead of after `request_timeout_s`. Timings start when the
+A generation is streamed (SSE) when its length is unknown, even when the caller
+wants the whole text: that is how a server that accepted a request and then went
+silent is noticed after the stall deadline instead of after `request_timeout_s`.
+When the caller bounds it (max_tokens), the client asks for the whole answer at
+once (`generate_whole`) under a deadline sized for that answer: streaming costs a
+busy engine a serialised chunk per token, about half its throughput. Timings start when the
 request's headers went out on a connection, so waiting for a pooled connection is
 never blamed on the server.
 """
@@ -78,7 +81,8 @@ class Generation:
     usage: Mapping[str, int]
     finish_reason: str | None
     model: str
-    ttft_s: float  # from the request going out to the first token
+    ttft_s: float | None  # from the request going out to the first token (None: not seen,
+    #                       a whole answer arrives at once)
     total_s: float  # from the request going out to the end of the stream
     output_tokens: int
 
@@ -282,11 +286,15 @@ async def _on_headers_sent(session: Any, ctx: SimpleNamespace, params: Any) -> N
 _CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", ())  # aiohttp >= 3.10
 
 
-def _failure_from_exception(exc: BaseException, stall_s: float | None = None) -> EngineFailure:
+def _failure_from_exception(exc: BaseException, stall_s: float | None = None, *,
+                            whole_s: float | None = None) -> EngineFailure:
     """Connection-level trouble, in routing terms and in a few plain words."""
     if isinstance(exc, asyncio.TimeoutError):  # aiohttp's own timeouts subclass it
         if _CONNECT_TIMEOUT and isinstance(exc, _CONNECT_TIMEOUT):
             return EngineFailure(Failure.TIMEOUT, "could not connect in time")
+        if whole_s is not None:
+            return EngineFailure(Failure.TIMEOUT,
+                                 f"no whole answer within {whole_s:.1f} s (answer deadline)")
         if isinstance(exc, aiohttp.ServerTimeoutError):  # sock_read: the stall deadline
             silent = f" for {stall_s:.1f} s" if stall_s is not None else ""
             return EngineFailure(Failure.TIMEOUT, f"went silent{silent} (stall deadline)")
@@ -317,14 +325,16 @@ class TokenStream:
 
     __slots__ = ("response", "server", "sent_at", "stall_s", "text_parts", "usage",
                  "finish_reason", "model", "first_token_at", "ended_at", "_pending", "_tail",
-                 "_done")
+                 "_done", "whole_s", "whole")
 
     def __init__(self, response: aiohttp.ClientResponse, server: str, sent_at: float,
-                 stall_s: float | None = None) -> None:
+                 stall_s: float | None = None, *, whole_s: float | None = None) -> None:
         self.response = response
         self.server = server
         self.sent_at = sent_at
         self.stall_s = stall_s
+        self.whole_s = whole_s  # a whole-answer request's deadline (None: a stream)
+        self.whole = False  # the answer came as one JSON body, not as SSE
         self.text_parts: list[str] = []  # every delta read so far
         self.usage: dict[str, int] = {}
         self.finish_reason: str | None = None
@@ -361,7 +371,7 @@ class TokenStream:
             data = await self.response.content.readany()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             self.close()
-            raise _failure_from_exception(exc, self.stall_s) from None
+            raise _failure_from_exception(exc, self.stall_s, whole_s=self.whole_s) from None
         if not data:
             self._done = True
             if self.finish_reason is None and not self.usage:
@@ -394,7 +404,8 @@ class TokenStream:
             raise EngineFailure(Failure.SERVER_ERROR, f"malformed stream: {exc}") from None
 
     async def _whole_answer(self) -> None:
-        """A server that ignored `stream: true` and sent the whole answer at once."""
+        """A whole answer (asked for, or a server that ignored `stream: true`)."""
+        self.whole = True
         try:
             event = json.loads(await self.response.read())
         except ValueError as exc:
@@ -452,7 +463,7 @@ class TokenStream:
         end = self.ended_at or time.perf_counter()
         first = self.first_token_at or end
         return Generation(text=self.text, usage=dict(self.usage), finish_reason=self.finish_reason,
-                          model=self.model, ttft_s=first - self.sent_at,
+                          model=self.model, ttft_s=None if self.whole else first - self.sent_at,
                           total_s=end - self.sent_at, output_tokens=self.output_tokens)
 
 
@@ -501,7 +512,7 @@ class Wire:
 
     async def _post(self, server: ServerSpec, path: str, body: Mapping[str, Any], *,
                     api_key: str | None, stall_s: float, timeout_s: float,
-                    ) -> tuple[aiohttp.ClientResponse, float]:
+                    whole_s: float | None = None) -> tuple[aiohttp.ClientResponse, float]:
         """POST and wait for a 2xx's headers; (response, when its request went out)."""
         sent = _Sent()
         try:
@@ -509,7 +520,7 @@ class Wire:
                 server.url + path, json=body, headers=self._headers(api_key),
                 timeout=self._timeout(stall_s, timeout_s), trace_request_ctx=sent)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise _failure_from_exception(exc, stall_s) from None
+            raise _failure_from_exception(exc, stall_s, whole_s=whole_s) from None
         if response.status >= 300:
             try:
                 raw = await response.read()
@@ -547,6 +558,27 @@ class Wire:
         finally:
             stream.close()
         return stream.generation()
+
+    async def generate_whole(self, server: ServerSpec, path: str, body: Mapping[str, Any], *,
+                             api_key: str | None, deadline_s: float) -> Generation:
+        """A whole chat or completion asked for in one piece (no SSE), within `deadline_s`.
+
+        Only for answers of bounded length (max_tokens): the deadline must fit the whole
+        answer, and it is the only way a hung server is noticed. The first token is not
+        seen, so the result's `ttft_s` is None.
+        """
+        payload = dict(body)
+        payload["stream"] = False
+        payload.pop("stream_options", None)
+        response, sent_at = await self._post(server, path, payload, api_key=api_key,
+                                             stall_s=deadline_s, timeout_s=deadline_s,
+                                             whole_s=deadline_s)
+        answer = TokenStream(response, server.address, sent_at, deadline_s, whole_s=deadline_s)
+        try:
+            await answer.read_all()  # one JSON body (or SSE, from a server that insists)
+        finally:
+            answer.close()
+        return answer.generation()
 
     async def embed(self, server: ServerSpec, body: Mapping[str, Any], *, api_key: str | None,
                     stall_s: float, timeout_s: float, as_numpy: bool = False) -> Embeddings:

@@ -289,3 +289,17 @@ def test_sighup_starts_added_servers_and_stops_removed_ones_keeping_the_rest(tmp
     launcher.proc.send_signal(signal.SIGHUP)
     launcher.wait_for(r"reload failed, the servers keep running as they are")
     assert alive(psutil.Process(pid_a))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 if hasattr(os, "sched_getaffinity") else True,
+                    reason="pinning to CPU 0 is only observable with 2 or more usable CPUs")
+def test_cpus_pin_the_whole_engine_and_its_children(tmp_path, launch):
+    port = free_port()
+    model = sim_model(port, backend_args={"fork-worker": True})
+    model["servers"] = [{"host": "127.0.0.1", "port": port, "cpus": [0]}]
+    launcher = launch(write_fleet(tmp_path / "fleet.yaml", {"chat": model}))
+    engine = launcher.running_pid(f"chat 127.0.0.1:{port}")
+    assert psutil.Process(engine).cpu_affinity() == [0]
+    workers = [p for p in launcher.tree() if p.ppid() == engine]
+    assert workers and all(p.cpu_affinity() == [0] for p in workers)  # inherited
+    assert len(launcher.root.cpu_affinity()) > 1  # the launcher itself is not pinned

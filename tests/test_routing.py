@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import math
 
 import pytest
 from hypothesis import given
@@ -76,6 +77,21 @@ def test_peak_ewma_rises_at_once_and_decays_with_time() -> None:
     assert est.value < 1.2  # twenty seconds later the spike has aged out
 
 
+def test_a_peak_fades_on_read_toward_its_base() -> None:
+    est = PeakEwmaEstimate(decay_s=5.0)
+    for i in range(10):
+        est.observe(1.0, now=i * 0.1)
+    est.observe(10.0, now=1.0)
+    assert est.read(1.0) == 10.0 and est.value == 10.0
+    assert 1.0 < est.read(6.0) < 10.0  # fading with nobody sampling it
+    base = 1.0 + 9.0 * (1 - math.exp(-0.1 / 5.0))  # the spike's share of the plain average
+    assert est.read(6.0) == pytest.approx(base + (10.0 - base) * math.exp(-1))
+    assert est.read(101.0) == pytest.approx(base) and base < 1.2
+    assert est.read(0.5) == 10.0  # the past does not count back
+    est.restore(2.0, now=40.0)
+    assert est.read(400.0) == 2.0
+
+
 @given(st.lists(st.tuples(st.floats(0.001, 100), st.floats(0, 30)), min_size=1, max_size=40))
 def test_peak_ewma_stays_within_its_samples(samples) -> None:
     est, now = PeakEwmaEstimate(decay_s=5.0), 0.0
@@ -85,6 +101,8 @@ def test_peak_ewma_stays_within_its_samples(samples) -> None:
         assert est.value >= value - 1e-9  # never below the latest sample
     values = [v for v, _ in samples]
     assert min(values) - 1e-9 <= est.value <= max(values) + 1e-9
+    for later in (0.0, 1.0, 100.0):  # fading on read stays within the samples too
+        assert min(values) - 1e-9 <= est.read(now + later) <= max(values) + 1e-9
 
 
 def test_ttft_is_kept_apart_from_per_token_time(clock) -> None:
@@ -328,6 +346,73 @@ def test_degraded_when_slower_than_rate_and_back_when_normal(clock) -> None:
     clock.advance(1)
     serve(ep, ttft=0.1, per_token=0.02)
     assert ep.health is Health.UP and ep.reason is None
+
+
+def test_a_recovered_server_takes_its_old_rates_back_at_once(clock) -> None:
+    ep = Endpoint("a:1", clock=clock, decay_s=5.0)
+    serve(ep, ttft=0.1, per_token=0.02, times=3)
+    normal = ep.expected_latency(CHAT)
+    for _ in range(10):  # slow for a while: its figures learn the slowness, base included
+        clock.advance(2)
+        serve(ep, ttft=1.0, per_token=0.2)
+    assert ep.health is Health.DEGRADED and ep.expected_latency(CHAT) > 8 * normal
+    clock.advance(1)
+    serve(ep, ttft=0.1, per_token=0.02)  # one sample back near its old normal (a probe)
+    assert ep.health is Health.UP
+    assert ep.expected_latency(CHAT) == pytest.approx(normal, rel=0.05)
+
+
+def test_a_server_back_from_down_gets_its_pre_degraded_rates(clock) -> None:
+    ep = Endpoint("a:1", clock=clock, decay_s=5.0)
+    serve(ep, ttft=0.1, per_token=0.02, times=3)
+    normal = ep.expected_latency(CHAT)
+    for _ in range(5):
+        clock.advance(2)
+        serve(ep, ttft=1.0, per_token=0.2)
+    ep.observe_failure(Failure.TIMEOUT, "went silent")
+    assert ep.health is Health.DOWN
+    clock.advance(1)
+    serve(ep, ttft=0.1, per_token=0.02)  # its trial (or a probe) is back to normal
+    assert ep.health is Health.UP
+    assert ep.expected_latency(CHAT) == pytest.approx(normal, rel=0.05)
+    ep.observe_failure(Failure.REFUSED, "refused")  # down from UP, back slow: DEGRADED
+    clock.advance(1)
+    serve(ep, ttft=1.0, per_token=0.2)
+    assert ep.health is Health.DEGRADED
+    clock.advance(1)
+    serve(ep, ttft=0.1, per_token=0.02)
+    assert ep.health is Health.UP
+    assert ep.expected_latency(CHAT) == pytest.approx(normal, rel=0.05)
+
+
+def test_a_spike_fades_while_nobody_samples_the_server(clock) -> None:
+    pool = pool_of(2, PeakEwma(seed=5), clock)
+    spiked, other = pool.endpoints.values()
+    for _ in range(20):  # both equally fast, sampled often
+        clock.advance(0.1)
+        serve(spiked, ttft=0.1, per_token=0.02)
+        serve(other, ttft=0.15, per_token=0.03)
+    normal = spiked.expected_latency(CHAT)
+    clock.advance(0.1)
+    serve(spiked, ttft=1.0, per_token=0.2)  # one 10x spike
+    assert spiked.expected_latency(CHAT) > 8 * normal
+    assert pool.choose(CHAT) is other  # shut out for now: nobody samples it...
+    clock.advance(4 * 5.0)  # ...yet a few decay_s later its figure is back near its base
+    assert spiked.expected_latency(CHAT) < 1.4 * normal
+    assert pool.choose(CHAT) is spiked
+    assert spiked.expected_latency(CHAT) < other.expected_latency(CHAT)
+
+
+def test_a_server_that_is_really_slow_stays_slow_without_samples(clock) -> None:
+    fast, slow = Endpoint("fast:1", clock=clock), Endpoint("slow:1", clock=clock)
+    for _ in range(10):
+        clock.advance(1)
+        serve(fast, ttft=0.1, per_token=0.02)
+        serve(slow, ttft=0.4, per_token=0.08)  # 4x slower, every time
+    clock.advance(60)  # no samples for a long while: nothing to fade towards but itself
+    assert slow.expected_latency(CHAT) == pytest.approx(4 * fast.expected_latency(CHAT), rel=0.05)
+    fast.in_flight = 12
+    assert PeakEwma(seed=0).pick([fast, slow], CHAT) is fast
 
 
 def test_stall_deadline_follows_expected_ttft_within_bounds(clock) -> None:

@@ -3,10 +3,11 @@
 Health is an explicit state machine::
 
     UP ──a sample slower than rate x expected──► DEGRADED ──a sample near its old normal──► UP
-     │                                              │
+     │                                              │      (it takes its old rates back)
      ├── refused / timeout / misconfigured / 3 x 5xx in a row ──► DOWN
      │                                                             │
      └────────────── any success (a trial request or a probe) ◄────┘
+                     (near its old normal: old rates back; slow: DEGRADED)
 
 DOWN waits out a cooldown (1 s, doubling after each failed trial, at most
 30 s); then ``usable()`` lets one trial request through. Back-pressure (429,
@@ -108,14 +109,14 @@ class Endpoint:
         self.queue_waiting: float | None = None
         self.requests = 0
         self.failures = 0
-        self.rates = ServiceRates(decay_s)
+        self.rates = ServiceRates(decay_s, clock)
         self._clock = clock
         self._decay_s = decay_s
         self._degrade_ratio = degrade_ratio
         self._peers = peers or (lambda: ())  # whom an unmeasured endpoint borrows rates from
         self._health = Health.UP
         self._reason: str | None = None
-        self._normal: dict[str, float | None] = {}  # rates before it went DEGRADED
+        self._normal: dict[str, float | None] = {}  # rates before it went DEGRADED or DOWN
         self._down_since: float | None = None
         self._cooldown_s = COOLDOWN_START_S
         self._retry_at = 0.0
@@ -192,17 +193,24 @@ class Endpoint:
         self._consecutive_errors = 0
         if output_tokens is not None:
             work = replace(work, output_tokens=output_tokens)
+        now = self._clock()
         slow = self._slower_than_normal(total_s, work)
         before = self.rates.snapshot()
-        self.rates.learn(ttft_s, total_s, work, self._clock())
         if self._health is Health.DOWN:
             self._health, self._reason, self._down_since = Health.UP, None, None
             self._cooldown_s = COOLDOWN_START_S
+            if slow:  # back, but slow against what it was before it went down
+                self._health = Health.DEGRADED
+                self._reason = f"slower than {self._degrade_ratio}x expected"
+        if slow is False and self._normal:
+            # Back near its old normal: what it learnt while bad must not keep it starved
+            # until decay_s wears it off, so it takes its old rates back, then this sample.
+            self.rates.restore(self._normal, now)
+            self._health, self._reason, self._normal = Health.UP, None, {}
+        self.rates.learn(ttft_s, total_s, work, now)
         if slow and self._health is Health.UP:
             self._health, self._normal = Health.DEGRADED, before
             self._reason = f"slower than {self._degrade_ratio}x expected"
-        elif slow is False and self._health is Health.DEGRADED:
-            self._health, self._reason, self._normal = Health.UP, None, {}
 
     def observe_failure(
         self, failure: Failure, reason: str, *, retry_after_s: float | None = None
@@ -258,6 +266,12 @@ class Endpoint:
         first, service = service_seconds(work, self._rates_with_prior(work))
         return min(ceiling_s, max(floor_s, STALL_MULTIPLE * (first + self._queue_wait(service))))
 
+    def answer_deadline(self, *, floor_s: float, ceiling_s: float, work: Work) -> float:
+        """Time allowed for a whole answer asked for in one piece (its length bounded by
+        max_tokens): a few times the expected latency of this work here now, at least
+        floor_s, never above ceiling_s. Without a stream, this is what catches a hang."""
+        return min(ceiling_s, max(floor_s, STALL_MULTIPLE * self.expected_latency(work)))
+
     def status(self) -> EndpointStatus:
         rates = self.rates.snapshot()
         ttft = rates["ttft"]
@@ -282,7 +296,7 @@ class Endpoint:
 
     def _slower_than_normal(self, total_s: float, work: Work) -> bool | None:
         """Compare a sample with what was expected before it (None: nothing to compare)."""
-        if self._health is Health.DEGRADED:
+        if self._normal:  # DEGRADED, or DOWN after it had a normal
             rates = rates_for(work, self._normal)
             if rates is None:
                 return False  # no normal for this kind of work: take it as normal
@@ -295,6 +309,8 @@ class Endpoint:
 
     def _mark_down(self, reason: str, now: float) -> None:
         if self._health is not Health.DOWN:
+            if self._health is Health.UP:  # DEGRADED keeps the normal it had before
+                self._normal = {k: v for k, v in self.rates.snapshot().items() if v is not None}
             self._health, self._down_since = Health.DOWN, now
             self._cooldown_s = COOLDOWN_START_S
             self._retry_at = now + self._cooldown_s
@@ -303,7 +319,6 @@ class Endpoint:
             self._retry_at = now + self._cooldown_s
         # else: a request sent before it went down; the running cooldown covers it
         self._reason = reason
-        self._normal = {}
 
     def _queue_wait(self, service_s: float) -> float:
         if not self.queue_waiting:

@@ -11,7 +11,8 @@ the size of the request at hand (``service_seconds``).
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 
 from modelfleet.routing.ewma import PeakEwmaEstimate
 from modelfleet.routing.work import Work
@@ -32,14 +33,24 @@ Rates = Mapping[str, float]
 class ServiceRates:
     """The learnt rates of one server (seconds per token; None until measured)."""
 
-    def __init__(self, decay_s: float) -> None:
+    def __init__(self, decay_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._estimates = {name: PeakEwmaEstimate(decay_s) for name in DEFAULT_RATES}
+        self._clock = clock
 
     def value(self, name: str) -> float | None:
-        return self._estimates[name].value
+        """The rate as of now (a peak fades with time even when nobody samples it)."""
+        return self._estimates[name].read(self._clock())
 
     def snapshot(self) -> dict[str, float | None]:
-        return {name: est.value for name, est in self._estimates.items()}
+        now = self._clock()
+        return {name: est.read(now) for name, est in self._estimates.items()}
+
+    def restore(self, rates: Mapping[str, float | None], now: float) -> None:
+        """Take these rates back (a snapshot from before the server went bad); a rate
+        missing or None in them keeps its present value."""
+        for name, value in rates.items():
+            if value is not None and name in self._estimates:
+                self._estimates[name].restore(value, now)
 
     def learn(self, ttft_s: float | None, total_s: float, work: Work, now: float) -> None:
         """One successful answer; ttft_s is None when its first token was not seen."""
