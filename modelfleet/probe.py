@@ -8,7 +8,6 @@ the result.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
@@ -46,10 +45,16 @@ def benchmark_work(model: ModelSpec, benchmark: BenchmarkSpec) -> Work:
 async def probe_server(wire: Wire, model: ModelSpec, server: ServerSpec,
                        benchmark: BenchmarkSpec, *, stall_s: float,
                        timeout_s: float) -> ProbeResult:
-    """Benchmark request and /metrics scrape, at the same time; never raises for the server."""
-    bench, queue = await asyncio.gather(
-        _benchmark(wire, model, server, benchmark, stall_s=stall_s, timeout_s=timeout_s),
-        _scrape(wire, model, server, timeout_s=min(timeout_s, max(stall_s, 1.0))))
+    """/metrics scrape, then the benchmark request; never raises for the server.
+
+    The scrape goes first so the server's queue is read without our own probe in it
+    (an idle server must read as idle, not as running one request).
+    """
+    started = time.monotonic()
+    queue = await _scrape(wire, model, server, timeout_s=min(timeout_s / 4, 2.0))
+    left = timeout_s - (time.monotonic() - started)  # the whole probe stays within timeout_s
+    bench = await _benchmark(wire, model, server, benchmark, stall_s=min(stall_s, left),
+                             timeout_s=left)
     return ProbeResult(**{**bench, "queue": queue, "at": time.time()})
 
 

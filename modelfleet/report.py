@@ -28,20 +28,19 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, TextIO
 
 from modelfleet.config import FleetConfig, ModelSpec, ServerSpec
 from modelfleet.probe import ProbeResult, apply_probe, benchmark_work, probe_server
 from modelfleet.routing import Endpoint, Failure, Health, Pool, make_policy
-from modelfleet.wire import EngineFailure, QueueSample, Wire
+from modelfleet.wire import Wire
 
 DEFAULT_TIMEOUT_S = 5.0
 # Two probes of the same tiny request differ by a few milliseconds of scheduling
 # noise; on a fast fleet (the simulator) that alone can be a 2x ratio, so a server
 # must also be this much slower in absolute terms before it is called degraded.
 NOISE_S = 0.010
-SCRAPE_FIRST_S = 1.0  # at most this long for the /metrics read before the probe request
 _HTTP_STATUS = re.compile(r"HTTP (\d{3})")
 
 
@@ -170,28 +169,14 @@ class FleetProber:
     async def _probe_one(self, spec: ModelSpec, server: ServerSpec) -> ProbeResult:
         try:
             # probe_server bounds itself by timeout_s; the margin only guards against a bug there.
-            queue, result = await asyncio.wait_for(self._queue_then_probe(spec, server),
-                                                   self.timeout_s + 1.0)
+            return await asyncio.wait_for(
+                probe_server(self._wire, spec, server, self.config.benchmark,
+                             stall_s=self.timeout_s, timeout_s=self.timeout_s),
+                self.timeout_s + 1.0)
         except asyncio.TimeoutError:
             return ProbeResult(model=spec.name, server=server.address, ok=False,
                                reason=f"no answer in {self.timeout_s:g} s",
                                failure=Failure.TIMEOUT, at=time.time())
-        return replace(result, queue=queue) if queue is not None else result
-
-    async def _queue_then_probe(self, spec: ModelSpec,
-                                server: ServerSpec) -> tuple[QueueSample | None, ProbeResult]:
-        """The server's queue read before the probe request is sent: probe_server reads it
-        while its own request runs, and an idle server would show that request as running."""
-        started = time.monotonic()
-        try:
-            queue = await self._wire.queue(server, api_key=spec.api_key,
-                                           timeout_s=min(SCRAPE_FIRST_S, self.timeout_s / 4))
-        except EngineFailure:
-            queue = None
-        left = max(self.timeout_s - (time.monotonic() - started), 0.75 * self.timeout_s)
-        result = await probe_server(self._wire, spec, server, self.config.benchmark,
-                                    stall_s=left, timeout_s=left)
-        return queue, result
 
     def _model_rows(self, spec: ModelSpec,
                     probed: list[tuple[ServerSpec, ProbeResult]]) -> list[ServerRow]:
