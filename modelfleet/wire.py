@@ -27,9 +27,8 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -270,19 +269,6 @@ def parse_models(payload: Mapping[str, Any]) -> list[str]:
 # ---------------------------------------------------------------------------
 
 
-@dataclass
-class _Sent:
-    """Filled by aiohttp tracing: when the request's headers left on a connection."""
-
-    at: float = 0.0
-
-
-async def _on_headers_sent(session: Any, ctx: SimpleNamespace, params: Any) -> None:
-    sent = ctx.trace_request_ctx
-    if sent is not None:
-        sent.at = time.perf_counter()
-
-
 _CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", ())  # aiohttp >= 3.10
 
 
@@ -325,11 +311,13 @@ class TokenStream:
 
     __slots__ = ("response", "server", "sent_at", "stall_s", "text_parts", "usage",
                  "finish_reason", "model", "first_token_at", "ended_at", "_pending", "_tail",
-                 "_done", "whole_s", "whole")
+                 "_done", "whole_s", "whole", "_on_end")
 
     def __init__(self, response: aiohttp.ClientResponse, server: str, sent_at: float,
-                 stall_s: float | None = None, *, whole_s: float | None = None) -> None:
+                 stall_s: float | None = None, *, whole_s: float | None = None,
+                 on_end: Callable[[], None] | None = None) -> None:
         self.response = response
+        self._on_end = on_end  # gives the connection slot back, once
         self.server = server
         self.sent_at = sent_at
         self.stall_s = stall_s
@@ -440,12 +428,19 @@ class TokenStream:
         if self.ended_at is None:
             self.ended_at = time.perf_counter()
             self.response.release()
+            self._ended()
 
     def close(self) -> None:
         """Drop the connection (a no-op after the stream ended cleanly)."""
         if self.ended_at is None:
             self.ended_at = time.perf_counter()
             self.response.close()
+            self._ended()
+
+    def _ended(self) -> None:
+        if self._on_end is not None:
+            on_end, self._on_end = self._on_end, None
+            on_end()
 
     async def aclose(self) -> None:
         self.close()
@@ -479,17 +474,20 @@ class Wire:
         self._keepalive_s = keepalive_s
         self._connect_timeout_s = connect_timeout_s
         self._session: aiohttp.ClientSession | None = None
+        # One slot per connection a server may have. A request's clock starts once it holds
+        # a slot, so time spent waiting for a connection is never counted as the server's.
+        self._slots: dict[str, asyncio.Semaphore] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            trace = aiohttp.TraceConfig(trace_config_ctx_factory=SimpleNamespace)
-            trace.on_request_headers_sent.append(_on_headers_sent)
-            trace.freeze()
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self._limit_per_host,
+            # No limit in the connector: the slots above are the limit, and waiting for one
+            # happens before a request's clock starts (aiohttp's tracing would time the
+            # same moment, at a cost of tens of microseconds a request).
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0,
                                              keepalive_timeout=self._keepalive_s)
             self._session = aiohttp.ClientSession(
-                connector=connector, trace_configs=[trace], raise_for_status=False,
+                connector=connector, raise_for_status=False,
                 json_serialize=json.dumps, skip_auto_headers=("User-Agent",),
                 headers={"User-Agent": "modelfleet"})
         return self._session
@@ -497,6 +495,7 @@ class Wire:
     def forget_session(self) -> None:
         """Its event loop is gone (closed): the next request opens a new session."""
         self._session = None
+        self._slots = {}
 
     async def close(self) -> None:
         if self._session is not None and not self._session.closed:
@@ -512,15 +511,28 @@ class Wire:
 
     async def _post(self, server: ServerSpec, path: str, body: Mapping[str, Any], *,
                     api_key: str | None, stall_s: float, timeout_s: float,
-                    whole_s: float | None = None) -> tuple[aiohttp.ClientResponse, float]:
-        """POST and wait for a 2xx's headers; (response, when its request went out)."""
-        sent = _Sent()
+                    whole_s: float | None = None
+                    ) -> tuple[aiohttp.ClientResponse, float, Callable[[], None]]:
+        """POST and wait for a 2xx's headers.
+
+        Returns the response, when its request went out (after a connection slot was
+        free), and the function that gives the slot back once the body has been read.
+        """
+        slot = self._slots.get(server.address)
+        if slot is None:
+            slot = self._slots[server.address] = asyncio.Semaphore(self._limit_per_host)
+        await slot.acquire()
+        sent_at = time.perf_counter()
         try:
             response = await self.session.post(
                 server.url + path, json=body, headers=self._headers(api_key),
-                timeout=self._timeout(stall_s, timeout_s), trace_request_ctx=sent)
+                timeout=self._timeout(stall_s, timeout_s))
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            slot.release()
             raise _failure_from_exception(exc, stall_s, whole_s=whole_s) from None
+        except BaseException:  # cancelled while waiting for the headers
+            slot.release()
+            raise
         if response.status >= 300:
             try:
                 raw = await response.read()
@@ -528,9 +540,10 @@ class Wire:
                 raw = b""
             finally:
                 response.release()
+                slot.release()
             raise classify_status(response.status, error_message(raw), server.address,
                                   retry_after_seconds(response.headers.get("Retry-After")))
-        return response, sent.at or time.perf_counter()
+        return response, sent_at, slot.release
 
     async def open_stream(self, server: ServerSpec, path: str, body: Mapping[str, Any], *,
                           api_key: str | None, stall_s: float, timeout_s: float) -> TokenStream:
@@ -544,9 +557,9 @@ class Wire:
         options = dict(payload.get("stream_options") or {})
         options["include_usage"] = True
         payload["stream_options"] = options
-        response, sent_at = await self._post(server, path, payload, api_key=api_key,
-                                             stall_s=stall_s, timeout_s=timeout_s)
-        return TokenStream(response, server.address, sent_at, stall_s)
+        response, sent_at, release = await self._post(server, path, payload, api_key=api_key,
+                                                       stall_s=stall_s, timeout_s=timeout_s)
+        return TokenStream(response, server.address, sent_at, stall_s, on_end=release)
 
     async def generate(self, server: ServerSpec, path: str, body: Mapping[str, Any], *,
                        api_key: str | None, stall_s: float, timeout_s: float) -> Generation:
@@ -570,10 +583,11 @@ class Wire:
         payload = dict(body)
         payload["stream"] = False
         payload.pop("stream_options", None)
-        response, sent_at = await self._post(server, path, payload, api_key=api_key,
-                                             stall_s=deadline_s, timeout_s=deadline_s,
-                                             whole_s=deadline_s)
-        answer = TokenStream(response, server.address, sent_at, deadline_s, whole_s=deadline_s)
+        response, sent_at, release = await self._post(server, path, payload, api_key=api_key,
+                                                       stall_s=deadline_s, timeout_s=deadline_s,
+                                                       whole_s=deadline_s)
+        answer = TokenStream(response, server.address, sent_at, deadline_s, whole_s=deadline_s,
+                             on_end=release)
         try:
             await answer.read_all()  # one JSON body (or SSE, from a server that insists)
         finally:
@@ -585,14 +599,16 @@ class Wire:
         """`/v1/embeddings`, asking for base64 (a quarter of the bytes of JSON floats)."""
         payload = dict(body)
         payload.setdefault("encoding_format", "base64")
-        response, sent_at = await self._post(server, "/v1/embeddings", payload, api_key=api_key,
-                                             stall_s=stall_s, timeout_s=timeout_s)
+        response, sent_at, release = await self._post(server, "/v1/embeddings", payload,
+                                                       api_key=api_key, stall_s=stall_s,
+                                                       timeout_s=timeout_s)
         try:
             raw = await response.read()
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _failure_from_exception(exc, stall_s) from None
         finally:
             response.release()
+            release()
         total_s = time.perf_counter() - sent_at
         try:
             data = json.loads(raw)
