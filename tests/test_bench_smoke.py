@@ -1,0 +1,99 @@
+"""The bench still runs: one tiny overhead run as a user would start it, tables and JSON out.
+
+No timing is asserted (speed claims live in bench/README.md, measured side by side); this only
+checks that the harness starts its sims, drives raw aiohttp and modelfleet through every op,
+writes its reports and stops every sim it started. It needs nothing beyond the test extra:
+no matplotlib (--no-plots), no LiteLLM (built-in contenders only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+from helpers import ROOT
+
+CONTENDERS = "raw-aiohttp,modelfleet:peak_ewma"
+
+
+def run_bench(*args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def refuses(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+def test_quick_overhead_writes_table_and_json(tmp_path):
+    out = tmp_path / "results"
+    proc = run_bench("--quick", "--scenario", "overhead", "--no-plots", "--contenders",
+                     CONTENDERS, "--requests", "12", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    # The table on stdout, with a row per op, concurrency and contender.
+    for op in ("chat", "stream", "embed x64"):
+        for c in ("1", "64"):
+            for name in CONTENDERS.split(","):
+                assert f"| {op} | {c} | {name} |" in proc.stdout, (op, c, name, proc.stdout)
+    assert "[00:" in proc.stderr  # progress lines while it ran
+
+    doc = json.loads((out / "results.json").read_text())
+    results = doc["scenarios"]["overhead"]["results"]
+    for op in ("chat", "stream", "embed"):
+        for c in ("c1", "c64"):
+            for name in CONTENDERS.split(","):
+                row = results[op][c][name]
+                assert row["n"] == 12 and row["errors"] == 0, (op, c, name, row)
+    assert doc["command"].startswith("python -m bench --quick --scenario overhead")
+    assert (out / "results.md").read_text().count("| chat | 1 |") == 2
+    assert not list(out.glob("*.png"))
+
+    # Every sim the bench started is gone.
+    assert doc["sim_servers"], doc
+    assert all(refuses(a) for a in doc["sim_servers"]), doc["sim_servers"]
+
+
+def test_unknown_contender_is_a_usage_error(tmp_path):
+    proc = run_bench("--contenders", "raw-aiohttp,nope", "--out", str(tmp_path), timeout=60)
+    assert proc.returncode == 2
+    assert "unknown contender 'nope'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_stops_every_sim(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", "--scenario", "degrade", "--contenders", "oracle",
+         "--no-plots", "--out", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    addresses: list[str] = []
+    seen = []
+    try:
+        for line in proc.stderr:  # pytest-timeout bounds this if the bench never gets there
+            seen.append(line)
+            if "sims up: " in line:
+                addresses = re.findall(r"127\.0\.0\.1:\d+", line)
+            if "oracle: running" in line:
+                break
+        assert addresses, "".join(seen)
+        assert not any(refuses(a) for a in addresses)  # they were up mid-run
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == 130
+    assert all(refuses(a) for a in addresses), addresses
