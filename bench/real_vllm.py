@@ -278,7 +278,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    sys.path.insert(0, str(REAL_TIER))
+    sys.path[:0] = [str(REAL_TIER), str(REAL_TIER.parent)]  # tests/real and tests/helpers.py
     import launched
     from tinymodels import BUILDER_VERSION, ensure_tiny_models
     from vllm_venv import cache_root, ensure_vllm_venv

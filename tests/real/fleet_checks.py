@@ -11,7 +11,7 @@ import urllib.request
 from collections.abc import Mapping
 
 import psutil
-from vllm_server import metric_value
+from helpers import metric_value
 
 WORKER_NAME = "VLLM::Worker"  # vLLM renames its model-runner process to this
 

