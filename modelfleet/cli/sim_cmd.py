@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from modelfleet.config import SimSpec
 from modelfleet.errors import FleetError, UsageError
 
 
@@ -24,16 +25,16 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--model", required=True, help="the served model name clients must send")
     p.add_argument("--kind", choices=("chat", "embedding"), default="chat",
                    help="chat (chat + completions APIs) or embedding (default chat)")
-    p.add_argument("--speed", type=float, default=1.0,
+    p.add_argument("--speed", type=float, default=SimSpec.speed,
                    help="divide every simulated time by this (default 1; >= 1e6: no delays)")
-    p.add_argument("--batch-slowdown", type=float, default=0.02,
+    p.add_argument("--batch-slowdown", type=float, default=SimSpec.batch_slowdown,
                    help="per-token slowdown per extra running request (default 0.02 = 2%%)")
-    p.add_argument("--dim", type=int, default=384, help="embedding dimensions (default 384)")
-    p.add_argument("--max-batch", type=int, default=64,
+    p.add_argument("--dim", type=int, default=SimSpec.dim, help="embedding dimensions (default 384)")
+    p.add_argument("--max-batch", type=int, default=SimSpec.max_batch,
                    help="requests run at once; more wait in a queue (default 64)")
     p.add_argument("--max-model-len", type=int, default=4096,
                    help="context length: longer prompts get a 400 (default 4096)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated text and faults")
+    p.add_argument("--seed", type=int, default=SimSpec.seed, help="seed of the generated text and faults")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $SIM_API_KEY)")
     p.add_argument("--fork-worker", action="store_true",

@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
+from modelfleet.config import SimSpec
 from modelfleet.sim import content, wire
 from modelfleet.sim.engine import Engine
 from modelfleet.sim.faults import FaultError, Faults, HangReleased
@@ -46,11 +47,13 @@ class SimSettings:
 
     model: str
     kind: str = "chat"
-    speed: float = 1.0
-    batch_slowdown: float = 0.02
-    dim: int = 384
-    max_batch: int = 64
-    seed: int = 0
+    # Defaults are the fleet file's (SimSpec), so a sim started by hand and one started by
+    # the launcher behave alike.
+    speed: float = SimSpec.speed
+    batch_slowdown: float = SimSpec.batch_slowdown
+    dim: int = SimSpec.dim
+    max_batch: int = SimSpec.max_batch
+    seed: int = SimSpec.seed
     max_model_len: int = 4096
     api_key: str | None = field(default=None, repr=False)
 
