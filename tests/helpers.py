@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "vllm-0.32.0-cpu"
+# What real vLLM 0.32.0 servers sent, kept in the repository (tests/fixtures/.../README.md).
+FIXTURES = ROOT / "tests" / "fixtures" / "vllm-0.32.0-cpu"
 
 
 def free_port() -> int:

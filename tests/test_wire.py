@@ -5,11 +5,10 @@ from __future__ import annotations
 import array
 import asyncio
 import json
-import socket
 import time
-from pathlib import Path
 
 import pytest
+from helpers import FIXTURES, free_port
 
 from modelfleet.config import ServerSpec
 from modelfleet.errors import RequestRejected
@@ -28,16 +27,6 @@ from modelfleet.wire import (
     parse_sse,
     retry_after_seconds,
 )
-
-# conftest's helpers are not importable by name (tests/real has a conftest.py too)
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "vllm-0.32.0-cpu"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 # --------------------------------------------------------------------------- fixtures (vLLM)
 

@@ -23,14 +23,13 @@ from pathlib import Path
 import psutil
 import pytest
 from fleet_checks import delta, ok_requests, scrape, scrape_all, worker_affinity
-from helpers import metric_value
+from helpers import FIXTURES, metric_value
 from launched import LaunchedFleet, launch, vllm_cpu_model, write_fleet_file
 
 from modelfleet.client import ModelServer
 from modelfleet.errors import RequestRejected
 
 MODEL = "tiny-llama"
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "vllm-0.32.0-cpu"
 HI = [{"role": "user", "content": "Say OK."}]
 QUIET = {"probe_interval_s": 3600}  # no background probe while a test counts requests
 

@@ -1,7 +1,7 @@
 """The pinned vLLM still speaks the wire the project was built on.
 
 The fast tier parses responses, errors and /metrics from samples captured on vLLM 0.32.0
-(tests/conftest.py:FIXTURES). These tests hold live servers of the same version against
+(tests/helpers.py:FIXTURES, kept in tests/fixtures/). These tests hold live servers of the same version against
 those samples, so an upgrade that changes a metric name or an error body fails here, by
 name, instead of quietly breaking routing. The servers are started straight from the venv,
 not by the launcher, so a failure here is about vLLM, not modelfleet.
@@ -12,13 +12,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
-from helpers import metric_value
+from helpers import FIXTURES, metric_value
 from vllm_server import VllmServer, metric_families, start_vllm
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "vllm-0.32.0-cpu"
 # What modelfleet's routing and report read from a vLLM server.
 ROUTING_METRICS = ("vllm:num_requests_running", "vllm:num_requests_waiting",
                    "vllm:time_to_first_token_seconds", "vllm:kv_cache_usage_perc",
