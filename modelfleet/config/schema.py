@@ -1,0 +1,306 @@
+"""The fleet file's schema: every key is declared once, as a dataclass field, here.
+
+THE SINGLE-EDIT RULE. A key of the fleet file is a dataclass field made with
+`setting(...)`. That one call holds everything about the key: its default, its
+check (kind, range, choices, a relation to a sibling), its help text, whether it
+is secret, and when `config show` prints it. The reader (reader.py), the display
+(show.py) and the editor (edit.py) walk these declarations and name no key
+themselves, so adding a key is one edit here; tests/test_config_schema.py checks
+that every declared key is read, shown, masked if secret, and settable.
+
+Fields made without `setting` (ModelSpec.name, ServerSpec.line, FleetConfig.path)
+are not keys of the file: they come from where a record stands in it.
+Rules that tie records together (one host:port per server, one model per alias)
+are the reader's, since no single field owns them.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+POLICIES = ("peak_ewma", "fastest", "least_loaded", "round_robin", "random")
+BACKENDS = ("vllm", "sglang", "sim")
+KINDS = ("chat", "embedding")
+DEVICES = ("gpu", "cpu")
+MASK = "***"
+MESSAGE_KEYS = ("role", "content")
+
+# What a key's value is; the reader has one rule per kind.
+VALUE_KINDS = (
+    "number", "integer", "text",  # scalars, range- or choice-checked
+    "indexes",  # unique non-negative integers (gpus, cpus)
+    "names",  # unique other names of the record (aliases)
+    "argv",  # a program and its arguments
+    "flags",  # engine flags: name -> plain value
+    "environment",  # variable name -> string
+    "messages",  # chat messages of {role, content}
+    "section",  # one nested record (another dataclass of this module)
+    "records",  # a list of nested records
+    "named",  # a mapping of name -> nested record
+)
+CHILDREN = ("records", "named")  # read after their owner's other keys, listed after them
+MAPPINGS = ("section", "named", "flags", "environment")  # `config set` may create these
+
+_SECRET_ENV_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Key:
+    """Everything about one key of the fleet file but its name and default."""
+
+    help: str
+    kind: str
+    above: float | None = None  # number/integer: must be greater than
+    minimum: float | None = None
+    maximum: float | None = None
+    at_most: str | None = None  # a sibling key this one must not exceed
+    choices: tuple[str, ...] = ()  # text: one of these
+    blank: str = "error"  # text: an empty value is an "error", is kept ("keep"), or means None ("none")
+    check: Callable[[str], str | None] | None = None  # text: returns what is wrong, or None
+    conflicts: tuple[str, str] | None = None  # (sibling key, message): not both
+    forbidden_when: tuple[str, str, str] | None = None  # (owner's key, its value, message)
+    what: str = ""  # indexes: what one index names, for messages ("GPU")
+    of: type | None = None  # section / records / named: the nested record's dataclass
+    inherits: bool = False  # section: unset keys come from the owner's key of the same name
+    empty: str = ""  # list kinds: the message when the list is empty
+    missing: str = ""  # required key: the message when it is absent (else a generic one)
+    default_from: str | None = None  # unset: the value of this (non-key) field instead
+    secret: bool = False  # never printed, never in messages
+    secret_entries: re.Pattern[str] | None = None  # mapping: entries whose names match are secret
+    show: str | Callable[[Any], bool] = "always"  # "always", "if_set", or a test on the owner
+    required: bool = False  # filled in by setting(): the field has no default
+
+
+def setting(default: Any = MISSING, *, help: str, kind: str, **options: Any) -> Any:
+    """A dataclass field that is a key of the fleet file (see the single-edit rule above)."""
+    if kind not in VALUE_KINDS:
+        raise ValueError(f"unknown value kind {kind!r}")
+    if options.get("of") is None and is_dataclass(default):
+        options["of"] = type(default)
+    factory: Any = MISSING
+    if isinstance(default, (dict, list)):
+        factory, default = (lambda value=default: type(value)(value)), MISSING
+    key = Key(help=help, kind=kind, required=default is MISSING and factory is MISSING, **options)
+    return field(default=default, default_factory=factory, repr=not (key.secret or key.secret_entries),
+                 metadata={"key": key})
+
+
+def _bare_host(host: str) -> str | None:
+    if "://" in host or "/" in host or " " in host.strip():
+        return "write the host name or address only (e.g. 10.0.0.3)"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The records. Field order is the order of `config show` and of "known keys" hints.
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SimSpec:
+    """Settings of the simulated engine (backend `sim`); mirrors `modelfleet sim` flags."""
+
+    speed: float = setting(1.0, kind="number", above=0, help="how fast it generates, 1 = baseline")
+    batch_slowdown: float = setting(0.02, kind="number", minimum=0,
+                                    help="extra time per token for each request batched alongside")
+    dim: int = setting(384, kind="integer", minimum=1, help="length of the embedding vectors")
+    max_batch: int = setting(64, kind="integer", minimum=1, help="requests run at once; more wait in a queue")
+    seed: int = setting(0, kind="integer", help="seed of the generated text and timings")
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """One server of a model. Only host and port matter to the client; the rest to the launcher."""
+
+    host: str = setting(kind="text", check=_bare_host, help="host name or address of the server")
+    port: int = setting(kind="integer", minimum=1, maximum=65535, help="its HTTP port")
+    gpus: tuple[int, ...] = setting((), kind="indexes", what="GPU", show="if_set",
+                                    forbidden_when=("device", "cpu", "the model runs on the CPU "
+                                                    "(device: cpu); remove gpus or set device: gpu"),
+                                    help="GPU indexes the launcher gives the engine")
+    cpus: tuple[int, ...] = setting((), kind="indexes", what="CPU", show="if_set",
+                                    help="CPU cores the launcher pins the engine to")
+    min_free_memory_gb: float | None = setting(None, kind="number", above=0, show="if_set",
+                                               help="the launcher waits until each GPU has this much free")
+    sim: SimSpec | None = setting(None, kind="section", of=SimSpec, inherits=True, show="if_set",
+                                  help="per-server override of the model's sim settings")
+    line: int | None = None  # where it stands in the file, for messages
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model and every server that serves it."""
+
+    name: str
+    servers: tuple[ServerSpec, ...] = setting(
+        kind="records", of=ServerSpec, help="the servers of this model",
+        empty="lists no servers; a model needs at least one, e.g. - {host: 127.0.0.1, port: 8000}")
+    kind: str = setting("chat", kind="text", choices=KINDS, help="what it answers: chat or embedding")
+    aliases: tuple[str, ...] = setting((), kind="names", help="other names callers may use")
+    model_path: str | None = setting(None, kind="text", default_from="name",
+                                     help="what the engine loads; defaults to the name")
+    served_name: str = setting("", kind="text", default_from="name",
+                               help="the `model` on the wire; defaults to the name")
+    backend: str = setting("vllm", kind="text", choices=BACKENDS, help="the engine that serves it")
+    api_key: str | None = setting(None, kind="text", blank="none", secret=True, show="if_set",
+                                  help="bearer token for its servers; empty means none")
+    backend_args: Mapping[str, Any] = setting({}, kind="flags", show="if_set",
+                                              help="engine flags, without dashes")
+    sim: SimSpec = setting(SimSpec(), kind="section", show=lambda model: model.backend == "sim",
+                           help="settings of the simulated engine")
+    env: Mapping[str, str] = setting({}, kind="environment", secret_entries=_SECRET_ENV_NAME,
+                                     show="if_set", help="extra environment for the engine")
+    python: str | None = setting(None, kind="text", show="if_set",
+                                 conflicts=("command", "give either command (the full argv) or python "
+                                            "(the interpreter), not both"),
+                                 help="interpreter that runs the engine as `python -m <module>`")
+    command: tuple[str, ...] | None = setting(
+        None, kind="argv", show="if_set", help="full argv override for the engine",
+        empty="must list the program and its arguments, e.g. [python, -m, vllm.entrypoints.openai.api_server]")
+    device: str = setting("gpu", kind="text", choices=DEVICES, help="gpu | cpu: cpu skips NVML entirely")
+
+    @property
+    def wire_name(self) -> str:
+        return self.served_name or self.name
+
+    def sim_for(self, server: ServerSpec) -> SimSpec:
+        return server.sim or self.sim
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How the client picks servers and when it gives up on one."""
+
+    policy: str = setting("peak_ewma", kind="text", choices=POLICIES, help="how a server is picked")
+    latency_growing_rate: float = setting(2.0, kind="number", above=1,
+                                          help="how many times slower than the fastest counts as degraded")
+    max_retry: int = setting(5, kind="integer", minimum=1, help="servers tried per request at most")
+    request_timeout_s: float = setting(600.0, kind="number", above=0, help="a whole request's deadline")
+    probe_interval_s: float = setting(5.0, kind="number", above=0, help="seconds between background probes")
+    stall_timeout_s: float = setting(5.0, kind="number", above=0, at_most="request_timeout_s",
+                                     help="silence after which a server counts as stalled")
+    # Retries allowed as a fraction of recent requests (Finagle's RetryBudget), plus a
+    # small per-second floor so a quiet client can still retry.
+    retry_budget_ratio: float = setting(0.2, kind="number", minimum=0,
+                                        help="retries as a fraction of recent requests")
+    retry_budget_min_per_s: float = setting(10.0, kind="number", minimum=0,
+                                            help="retries per second allowed whatever the traffic")
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """What background probes send: kept tiny so probing costs the fleet nothing."""
+
+    messages: tuple[Mapping[str, str], ...] = setting(
+        ({"role": "user", "content": "Say OK."},), kind="messages", help="the chat a probe sends",
+        empty='must hold at least one message, e.g. [{role: user, content: "Say OK."}]')
+    embedding_input: str = setting("benchmark sentence", kind="text", help="the text an embedding probe sends")
+    max_tokens: int = setting(8, kind="integer", minimum=1, help="tokens a chat probe asks for")
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """The whole fleet, as read from one file."""
+
+    models: Mapping[str, ModelSpec] = setting(
+        kind="named", of=ModelSpec, help="each model and its servers",
+        empty="lists no models; add at least one with its servers",
+        missing="missing: the fleet file needs a `models:` section listing each model and its servers")
+    routing: RoutingSpec = setting(RoutingSpec(), kind="section", help="how the client picks servers")
+    benchmark: BenchmarkSpec = setting(BenchmarkSpec(), kind="section", help="what background probes send")
+    path: Path | None = None
+
+    def resolve_model(self, name: str) -> ModelSpec:
+        """Find a model by its key or an alias; raises UnknownModel listing the known names."""
+        from modelfleet.errors import UnknownModel
+
+        if name in self.models:
+            return self.models[name]
+        for spec in self.models.values():
+            if name in spec.aliases:
+                return spec
+        raise UnknownModel(name, list(self.models))
+
+
+# --------------------------------------------------------------------------------------------
+# Walking the schema: what the reader, the display and the editor use instead of key lists.
+# --------------------------------------------------------------------------------------------
+
+@functools.cache
+def keys_of(record: type) -> dict[str, Key]:
+    """A record's keys in file order: its own settings, then its children (servers, models)."""
+    found = [(f.name, f.metadata["key"]) for f in fields(record) if "key" in f.metadata]
+    return dict([kv for kv in found if kv[1].kind not in CHILDREN] + [kv for kv in found if kv[1].kind in CHILDREN])
+
+
+def field_of(record: type, name: str) -> Field[Any]:
+    return next(f for f in fields(record) if f.name == name)
+
+
+def default_of(record: type, name: str) -> Any:
+    """A key's default value (MISSING for a required key)."""
+    f = field_of(record, name)
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _child_pattern(pattern: str, name: str, key: Key) -> str:
+    sub = f"{pattern}.{name}" if pattern else name
+    return f"{sub}.*" if key.kind == "named" else f"{sub}[]" if key.kind == "records" else sub
+
+
+@functools.cache
+def record_patterns() -> dict[str, type]:
+    """Where each record's keys live: {"": FleetConfig, "models.*": ModelSpec, "models.*.servers[]": ...}."""
+    found: dict[str, type] = {}
+
+    def walk(pattern: str, record: type) -> None:
+        found[pattern] = record
+        for name, key in keys_of(record).items():
+            if key.of is not None:
+                walk(_child_pattern(pattern, name, key), key.of)
+
+    walk("", FleetConfig)
+    return found
+
+
+def all_keys() -> dict[str, Key]:
+    """Every key by its path pattern (model names as *, list items as [])."""
+    return {(f"{pattern}.{name}" if pattern else name): key
+            for pattern, record in record_patterns().items() for name, key in keys_of(record).items()}
+
+
+def known_keys(pattern: str) -> tuple[str, ...]:
+    record = record_patterns().get(pattern)
+    return tuple(keys_of(record)) if record else ()
+
+
+def creatable() -> frozenset[str]:
+    """Paths where `config set` may create a missing mapping."""
+    return frozenset(path for path, key in all_keys().items() if key.kind in MAPPINGS)
+
+
+SECRET_KEYS = frozenset(path.rsplit(".", 1)[-1] for path, key in all_keys().items() if key.secret)
+SECRET_ENTRIES = {path.rsplit(".", 1)[-1]: key.secret_entries for path, key in all_keys().items()
+                  if key.secret_entries is not None}
+
+
+def is_secret(path: str) -> bool:
+    """A secret key anywhere, and entries of a mapping whose names say they hold a credential."""
+    parts = path.split(".")
+    if parts[-1] in SECRET_KEYS:
+        return True
+    pattern = SECRET_ENTRIES.get(parts[-2]) if len(parts) >= 2 else None
+    return pattern is not None and bool(pattern.search(parts[-1]))
