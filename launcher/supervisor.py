@@ -8,6 +8,11 @@ States (after supervisor's process.py, plus a state for the GPU wait):
        │            │       │         ▼
        └─ STOPPING ◄┴───────┴──── FATAL (too many failed starts in a row)
 
+The moves allowed from each state are the table TRANSITIONS below, and the one
+setter refuses any other with IllegalTransition (as supervisor's
+`_assertInState` does): a slip in the lifecycle is a loud bug, never a server
+quietly in a state it cannot be in.
+
 Every server has its own thread (a pool sized at startup could not take the
 servers a SIGHUP adds, and every lifecycle lives as long as its server), so
 servers start concurrently, except that starts and restarts on the same GPU
