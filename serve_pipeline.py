@@ -1,11 +1,12 @@
 """Start and supervise this host's model servers: `python serve_pipeline.py [-c FILE] [--dry-run] ...`.
 
-Thin on purpose: everything lives in the `launcher` package (`modelfleet serve` is the same command).
+Thin on purpose: everything lives in `modelfleet.launcher` (the repository's `launcher/`
+folder, installed under the modelfleet namespace); `modelfleet serve` is the same command.
 """
 
 import sys
 
-from launcher import run
+from modelfleet.launcher import run
 
 if __name__ == "__main__":
     sys.exit(run())

@@ -4,20 +4,14 @@ Every process started here is stopped again: on a normal end, on an exception, o
 on SIGTERM (the bench turns it into KeyboardInterrupt), and, on Linux, even if the bench itself
 is killed (each sim asks the kernel for SIGTERM when its parent dies). Each sim runs in its own
 process group so that a Ctrl-C at the terminal reaches the bench alone, which then stops the
-sims in order instead of leaving half-torn-down servers behind mid-measurement.
+sims in order instead of leaving half-torn-down servers behind mid-measurement. The process
+itself is `modelfleet.testing.SimProcess`, the one the tests start too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
-import ctypes
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,20 +20,14 @@ from typing import Any
 
 import aiohttp
 
-HOST = "127.0.0.1"
-_LIVE: set[subprocess.Popen] = set()
+from modelfleet.testing import HOST, SimProcess, free_port
+
+_LIVE: set[SimServer] = set()
 _STARTED: list[str] = []  # every address a sim was started on, for the report (and its test)
 
 
 def started_addresses() -> list[str]:
     return list(_STARTED)
-
-
-def free_port() -> int:
-    """A port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -51,101 +39,39 @@ class ServerPlan:
     speed: float = 1.0
     flags: Mapping[str, Any] = field(default_factory=dict)
 
-    def argv(self, port: int) -> list[str]:
-        argv = [sys.executable, "-m", "modelfleet", "sim", "--host", HOST, "--port", str(port),
-                "--model", self.model, "--kind", self.kind, "--speed", str(self.speed)]
-        for key, value in self.flags.items():
-            argv += ["--" + key.replace("_", "-"), str(value)]
-        return argv
 
-
-def _die_with_parent() -> None:
-    """In the child before exec: ask Linux to SIGTERM us when the bench goes away."""
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class SimServer:
-    """One running sim: its address, its process, and the control calls the scenarios use."""
+class SimServer(SimProcess):
+    """One sim of the bench: its plan, and the bookkeeping that stops it even at exit."""
 
     def __init__(self, plan: ServerPlan, port: int, log_path: Path) -> None:
+        super().__init__(port, plan.model, plan.kind, host=HOST,
+                         flags={"speed": plan.speed, **plan.flags}, log_path=log_path)
         self.plan = plan
-        self.port = port
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
 
-    @property
-    def address(self) -> str:
-        return f"{HOST}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def spawn(self) -> None:
-        """Start the process (must run on the main thread: the death signal follows the thread)."""
-        with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.plan.argv(self.port), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        _LIVE.add(self.proc)
+    def spawn(self) -> SimServer:
+        """Start the process (on the main thread: the death signal follows the thread)."""
+        super().spawn()
+        _LIVE.add(self)
         if self.address not in _STARTED:
             _STARTED.append(self.address)
+        return self
 
-    async def wait_healthy(self, session: aiohttp.ClientSession, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"sim on port {self.port} exited before it answered /health; "
-                                   f"see {self.log_path}")
-            with contextlib.suppress(aiohttp.ClientError, OSError, asyncio.TimeoutError):
-                async with session.get(f"{self.url}/health",
-                                       timeout=aiohttp.ClientTimeout(total=2)) as r:
-                    if r.status == 200:
-                        return
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"sim on port {self.port} did not answer /health within {timeout:.0f}s; "
-                           f"see {self.log_path}")
-
-    @property
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+    async def wait_healthy(self, timeout: float = 60.0) -> None:
+        await asyncio.to_thread(self.wait_ready, timeout)
 
     def kill(self) -> None:
-        """SIGKILL the whole group, as a crashed server dies."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        _LIVE.discard(self.proc)
+        super().kill()
+        _LIVE.discard(self)
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        _stop_process(self.proc)
-        _LIVE.discard(self.proc)
-
-
-def _stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
+        super().stop()
+        _LIVE.discard(self)
 
 
 @atexit.register
 def _stop_leftovers() -> None:
-    for proc in list(_LIVE):
-        _stop_process(proc)
+    for server in list(_LIVE):
+        server.stop()
     _LIVE.clear()
 
 
@@ -171,7 +97,7 @@ class SimFleet:
         try:
             for server in self.servers:
                 server.spawn()
-            await asyncio.gather(*(s.wait_healthy(self.session) for s in self.servers))
+            await asyncio.gather(*(s.wait_healthy() for s in self.servers))
         except BaseException:
             await self.__aexit__(None, None, None)
             raise
@@ -196,7 +122,7 @@ class SimFleet:
         while True:  # the old socket may linger for a moment after a SIGKILL
             server.spawn()
             try:
-                await server.wait_healthy(self.session, timeout=30)
+                await server.wait_healthy(timeout=30)
                 return
             except RuntimeError:
                 if time.monotonic() > deadline:

@@ -10,6 +10,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from modelfleet.testing import percentile  # noqa: F401 (the scenarios read it from here)
+
 
 @dataclass(frozen=True, slots=True)
 class Sample:
@@ -23,19 +25,6 @@ class Sample:
     error: str | None = None  # exception type and a short message
     items: int = 1  # embeddings: vectors returned
     worker: int = 0  # herd: which client process sent it
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    if len(ordered) == 1:
-        return ordered[0]
-    rank = (len(ordered) - 1) * q / 100.0
-    low = math.floor(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def share(samples: Iterable[Sample], server: str) -> float:

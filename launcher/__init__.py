@@ -1,6 +1,10 @@
 """The launcher: starts and supervises the servers of the fleet file that belong to this host.
 
-`python serve_pipeline.py` and `modelfleet serve` both end in `launcher.run`.
+It lives in the repository's top-level `launcher/` folder but is installed as
+`modelfleet.launcher` (see setup.py): a top-level package named `launcher` in
+site-packages would clash with any other of that name. Its own imports are
+relative for that reason. `python serve_pipeline.py` and `modelfleet serve`
+both end in `modelfleet.launcher.run`.
 Modules, one concept each: `gpus` (free GPU memory, from NVML or a described
 file), `hosts` (which servers are mine), `memory` (memory fractions and which
 starts share a GPU), `commands` (argv and environment per backend), `guard`
@@ -9,6 +13,6 @@ starts share a GPU), `commands` (argv and environment per backend), `guard`
 The launcher uses `modelfleet`'s config and never the client.
 """
 
-from launcher.cli import run
+from .cli import run
 
 __all__ = ["run"]

@@ -24,13 +24,14 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from launcher.commands import LaunchSpec, build_launch
-from launcher.gpus import DescribedGpuProbe, GpuProbe, NvmlProbe
-from launcher.hosts import LocalServer, select_servers
-from launcher.memory import plan_memory, start_groups
-from launcher.supervisor import ServerProcess, Supervisor, SupervisorOptions
 from modelfleet.config import FleetConfig
 from modelfleet.errors import ConfigError, FleetError, GpuProbeError, UsageError
+
+from .commands import LaunchSpec, build_launch
+from .gpus import DescribedGpuProbe, GpuProbe, NvmlProbe
+from .hosts import LocalServer, select_servers
+from .memory import plan_memory, start_groups
+from .supervisor import ServerProcess, Supervisor, SupervisorOptions
 
 log = logging.getLogger("launcher")
 

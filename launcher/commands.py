@@ -45,9 +45,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from launcher.hosts import LocalServer
-from launcher.memory import FRACTION_FLAG, MemoryShare
 from modelfleet.errors import UsageError
+
+from .hosts import LocalServer
+from .memory import FRACTION_FLAG, MemoryShare
 
 ENTRY_MODULE = {
     "vllm": "vllm.entrypoints.openai.api_server",

@@ -26,9 +26,10 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from launcher.gpus import GpuState
-from launcher.hosts import LocalServer
 from modelfleet.errors import UsageError
+
+from .gpus import GpuState
+from .hosts import LocalServer
 
 DEFAULT_FRACTION = {"vllm": 0.9, "sglang": 0.85}
 FRACTION_FLAG = {"vllm": "gpu-memory-utilization", "sglang": "mem-fraction-static"}

@@ -8,6 +8,11 @@ States (after supervisor's process.py, plus a state for the GPU wait):
        │            │       │         ▼
        └─ STOPPING ◄┴───────┴──── FATAL (too many failed starts in a row)
 
+The moves allowed from each state are the table TRANSITIONS below, and the one
+setter refuses any other with IllegalTransition (as supervisor's
+`_assertInState` does): a slip in the lifecycle is a loud bug, never a server
+quietly in a state it cannot be in.
+
 Every server has its own thread (a pool sized at startup could not take the
 servers a SIGHUP adds, and every lifecycle lives as long as its server), so
 servers start concurrently, except that starts and restarts on the same GPU
@@ -43,9 +48,10 @@ from pathlib import Path
 
 import psutil
 
-from launcher.commands import LaunchSpec
-from launcher.gpus import GpuProbe, GpuState
 from modelfleet.errors import GpuProbeError
+
+from .commands import LaunchSpec
+from .gpus import GpuProbe, GpuState
 
 log = logging.getLogger("launcher")
 
@@ -62,6 +68,33 @@ class State(str, enum.Enum):
     BACKOFF = "BACKOFF"
     STOPPING = "STOPPING"
     FATAL = "FATAL"
+
+
+# Every state a server may go to from each state; the setter refuses anything else, so a
+# slip in the lifecycle shows at once as a bug instead of as a server in an impossible state.
+TRANSITIONS: Mapping[State, frozenset[State]] = {
+    # STOPPED -> STOPPED: asked to stop before it ever started, it still says it is stopped
+    State.STOPPED: frozenset({State.WAITING_GPU, State.STARTING, State.FATAL, State.STOPPED}),
+    State.WAITING_GPU: frozenset({State.STARTING, State.FATAL, State.STOPPED}),
+    State.STARTING: frozenset({State.RUNNING, State.BACKOFF, State.FATAL, State.STOPPING,
+                               State.STOPPED}),
+    State.RUNNING: frozenset({State.BACKOFF, State.FATAL, State.STOPPING, State.STOPPED}),
+    State.BACKOFF: frozenset({State.WAITING_GPU, State.STARTING, State.FATAL, State.STOPPED}),
+    State.STOPPING: frozenset({State.STOPPED}),
+    # FATAL -> STOPPING: a bug in supervision left its engine running, which must still go
+    State.FATAL: frozenset({State.STOPPING}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A bug in the launcher: a server was moved between two states the table does not join."""
+
+    def __init__(self, label: str, old: State, new: State) -> None:
+        allowed = ", ".join(sorted(s.value for s in TRANSITIONS[old])) or "nothing"
+        super().__init__(f"{label}: {old.value} -> {new.value} is not an allowed transition "
+                         f"(from {old.value} only to {allowed}); this is a bug in the launcher")
+        self.old = old
+        self.new = new
 
 
 @dataclass(frozen=True)
@@ -174,6 +207,8 @@ class ServerProcess:
     # -- the lifecycle --------------------------------------------------------------------
 
     def _set(self, state: State, detail: str = "") -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise IllegalTransition(self.spec.label, self.state, state)
         self.state = state
         self.on_change(self, state, detail)
 
@@ -184,16 +219,19 @@ class ServerProcess:
             self._lifecycle()
         except Exception:  # a bug here must not take the other servers down
             log.exception("%s: supervision failed", self.spec.label)
-            self._set(State.FATAL, "supervision failed (see the traceback above)")
+            if State.FATAL in TRANSITIONS[self.state]:
+                self._set(State.FATAL, "supervision failed (see the traceback above)")
         finally:
-            if self._guard is not None and self._guard.poll() is None:
-                # STARTING/RUNNING -> STOPPING: asked to stop (or a bug): end its whole group
-                self._set(State.STOPPING, f"pid {self.pid}")
-                self._end_guard()
-            if self.state is not State.FATAL:
-                # any state -> STOPPED: nothing of it runs any more
-                self._set(State.STOPPED, "")
-            self._done.set()
+            try:
+                if self._guard is not None and self._guard.poll() is None:
+                    # STARTING/RUNNING/FATAL -> STOPPING: asked to stop (or a bug): end its group
+                    self._set(State.STOPPING, f"pid {self.pid}")
+                    self._end_guard()
+                if self.state is not State.FATAL:
+                    # any state -> STOPPED: nothing of it runs any more
+                    self._set(State.STOPPED, "")
+            finally:
+                self._done.set()
 
     def _lifecycle(self) -> None:
         opts = self.options
@@ -439,6 +477,8 @@ class Supervisor:
         else:
             log.info("%s", head)
         with self._lock:
+            if state is State.STOPPED and server in self._retiring:
+                self._retiring.remove(server)  # nothing of it runs any more: forget it
             current = list(self.servers.values())
             everyone = bool(current) and all(s.state is State.RUNNING for s in current)
             announce = everyone and not self._all_running
@@ -477,8 +517,11 @@ class Supervisor:
         return added, removed, changed
 
     def _retire(self, key: tuple[str, str, int]) -> None:
+        """Stop a server that left the plan; it is kept (stop_all must still wait for it) until
+        it is STOPPED, or its thread has ended some other way."""
         server = self.servers.pop(key)
         server.request_stop()
+        self._retiring = [s for s in self._retiring if not s.wait_done(0)]
         self._retiring.append(server)
 
     def stop_all(self) -> None:
@@ -493,3 +536,9 @@ class Supervisor:
     def snapshot(self) -> list[ServerProcess]:
         with self._lock:
             return list(self.servers.values())
+
+    def retiring(self) -> list[ServerProcess]:
+        """Servers that left the plan and are still stopping."""
+        with self._lock:
+            self._retiring = [s for s in self._retiring if not s.wait_done(0)]
+            return list(self._retiring)

@@ -17,19 +17,19 @@ Status, per server:
 
 A model is healthy when at least one of its servers answered the probe; the
 command exits 1 when some model is not, so it works as a readiness check.
+
+This module gathers the data; showing it (the table, the JSON line) is the CLI's
+part, in `modelfleet/cli/report_view.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import re
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, TextIO
+from typing import Any
 
 from modelfleet.config import FleetConfig, ModelSpec, ServerSpec
 from modelfleet.probe import ProbeResult, apply_probe, benchmark_work, probe_server
@@ -282,110 +282,3 @@ def _masked(text: str, spec: ModelSpec) -> str:
     if spec.api_key and spec.api_key in text:
         text = text.replace(spec.api_key, "***")
     return text
-
-
-# --------------------------------------------------------------------------------------------
-# Showing it: an aligned table, coloured in a terminal, plain when piped.
-# --------------------------------------------------------------------------------------------
-
-_COLOURS = {"up": "32", "degraded": "33", "down": "31", "dim": "2", "bold": "1"}
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def use_colour(stream: TextIO) -> bool:
-    """Colour only for a person at a terminal (https://no-color.org: NO_COLOR turns it off)."""
-    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
-        return False
-    isatty = getattr(stream, "isatty", None)
-    return bool(isatty and isatty())
-
-
-def paint(text: str, style: str, colour: bool) -> str:
-    return f"\x1b[{_COLOURS[style]}m{text}\x1b[0m" if colour and text else text
-
-
-def visible_len(text: str) -> int:
-    return len(_ANSI.sub("", text))
-
-
-def _ms(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    ms = seconds * 1000.0
-    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
-
-
-def _speed(row: ServerRow) -> str:
-    if row.tokens_per_s is not None:
-        return f"{row.tokens_per_s:.0f} tok/s"
-    if row.ms_per_input is not None:
-        return f"{row.ms_per_input:.1f} ms/input"
-    return "-"
-
-
-def _count(value: float | None) -> str:
-    return "-" if value is None else f"{value:g}"
-
-
-WHY_WIDTH = 72  # a long error message is cut here; --json has it whole
-
-
-def format_table(report: FleetReport, *, colour: bool = False) -> str:
-    """The report as an aligned table, one group of rows per model, and a verdict."""
-    header = ["MODEL", "  SERVER", "STATUS", "PROBE", "TTFT", "SPEED", "RUN", "WAIT", "WHY"]
-    lines: list[list[str]] = []
-    for model in report.models:
-        first = True
-        for row in (r for r in report.servers if r.model == model.name):
-            why = row.reason
-            if len(why) > WHY_WIDTH:
-                why = why[:WHY_WIDTH - 3] + "..."
-            lines.append([
-                model.name if first else "",
-                (paint("*", "bold", colour) if row.picked else " ") + " " + row.server,
-                paint(row.status, row.status, colour),
-                _ms(row.latency_s), _ms(row.ttft_s), _speed(row),
-                _count(row.running), _count(row.waiting),
-                why,
-            ])
-            first = False
-    widths = [max([len(h)] + [visible_len(line[i]) for line in lines])
-              for i, h in enumerate(header)]
-    right = {3, 4, 5, 6, 7}  # numbers line up on the right
-
-    def render(cells: list[str]) -> str:
-        out = []
-        for i, cell in enumerate(cells):
-            pad = " " * (widths[i] - visible_len(cell))
-            out.append(pad + cell if i in right else cell + pad)
-        return "  ".join(out).rstrip()
-
-    out = [paint(render(header), "dim", colour)]
-    previous_model = None
-    for cells, row in zip(lines, report.servers, strict=True):
-        if previous_model is not None and row.model != previous_model:
-            out.append("")
-        previous_model = row.model
-        out.append(render(cells))
-    out.append("")
-    out.append(summary_line(report, colour=colour))
-    return "\n".join(out)
-
-
-def summary_line(report: FleetReport, *, colour: bool = False) -> str:
-    answered = sum(r.healthy for r in report.servers)
-    total = len(report.servers)
-    marker = f"* = where routing.policy {report.policy} would send the next request"
-    took = f"probed {total} servers in {report.took_s:.2f} s"
-    if report.ok:
-        verdict = paint(f"ok: every model has a healthy server ({answered} of {total} answered)",
-                        "up", colour)
-    else:
-        verdict = paint("NOT OK: no healthy server for " + ", ".join(report.unhealthy_models),
-                        "down", colour)
-    return f"{verdict}\n{paint(marker + '; ' + took, 'dim', colour)}"
-
-
-def print_json(report: FleetReport, stream: TextIO = sys.stdout) -> None:
-    stream.write(json.dumps(report.to_dict()) + "\n")
-    stream.flush()

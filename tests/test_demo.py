@@ -155,7 +155,7 @@ def test_ctrl_c_stops_the_demo_and_everything_it_started(tmp_path: Path) -> None
 
 
 def test_busy_ports_move_the_demo_to_a_copy_on_free_ports(tmp_path: Path) -> None:
-    from modelfleet.demo import prepare_fleet
+    from modelfleet.cli.demo.fleet import prepare_fleet
 
     config, ports = demo_config(tmp_path)
     blocker = socket.socket()

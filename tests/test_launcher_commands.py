@@ -12,11 +12,11 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import ROOT, free_port, http_json, run_cli, wait_http_ok, write_fleet
+from modelfleet.launcher.commands import SGLANG_KEY_SHIM, backend_flags, cpu_list
+from modelfleet.launcher.gpus import GpuState
+from modelfleet.launcher.hosts import LocalServer, bind_host_for, local_names
+from modelfleet.launcher.memory import MemoryPlanError, plan_memory, start_groups
 
-from launcher.commands import SGLANG_KEY_SHIM, backend_flags, cpu_list
-from launcher.gpus import GpuState
-from launcher.hosts import LocalServer, bind_host_for, local_names
-from launcher.memory import MemoryPlanError, plan_memory, start_groups
 from modelfleet.config import ModelSpec, ServerSpec
 from modelfleet.errors import UsageError
 

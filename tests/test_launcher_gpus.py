@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from modelfleet.launcher.gpus import DescribedGpuProbe, NvmlProbe
 
-from launcher.gpus import DescribedGpuProbe, NvmlProbe
 from modelfleet.errors import GpuProbeError
 
 

@@ -107,6 +107,9 @@ def launch(tmp_path: Path):
     yield _launch
     for launcher in started:
         launcher.kill_everything()
+    for launcher in started:
+        # A move the state table refuses (or any other bug) is logged as "supervision failed".
+        assert "supervision failed" not in launcher.output(), launcher.output()
 
 
 def sim_model(*ports: int, **extra: object) -> dict:

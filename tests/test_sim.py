@@ -41,21 +41,11 @@ CHAT = {"role": "user", "content": "Say OK."}
 
 
 def _launch(model: str, kind: str, **flags: object) -> SimProcess:
-    port = free_port()
-    argv = sim_argv(port, model, kind, **flags)
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    sim = SimProcess(proc=proc, port=port, model=model, kind=kind, argv=argv)
-    try:
-        wait_http_ok(f"{sim.url}/health", timeout=30, proc=proc)
-    except Exception:
-        _finish(sim)
-        raise
-    return sim
+    return SimProcess(free_port(), model, kind, flags=flags).spawn().wait_ready(timeout=30)
 
 
 def _finish(sim: SimProcess) -> None:
-    sim.stop()
-    sim.proc.stderr.close()
+    sim.close()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from modelfleet.errors import ConfigError, FleetError, UsageError
 
@@ -28,6 +28,23 @@ def common_options() -> argparse.ArgumentParser:
         help="fleet file (default: $MODELFLEET_CONFIG, else ./client_config.yaml)",
     )
     return common
+
+
+def seconds_between(low: float, high: float, *, low_included: bool = True) -> Callable[[str], float]:
+    """An argparse type for a number of seconds from low to high, so a flag's mistake is
+    named by argparse ("--watch: must be ...") with exit 2, like every other usage error."""
+
+    def seconds(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+        if not (low <= value if low_included else low < value) or not value <= high:
+            raise argparse.ArgumentTypeError(
+                f"must be between {low:g} and {high:g} seconds, got {text}")
+        return value
+
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,17 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_DURATION_S = 30.0
-
-
-def _duration(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not 3 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"must be between 3 and 3600 seconds, got {text}")
-    return value
+from modelfleet.cli import seconds_between
+from modelfleet.cli.demo import DEFAULT_DURATION_S
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -27,12 +18,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                     "where the traffic goes, print the report, and stop every process it started. "
                     "Needs no GPU; the servers are simulators.",
     )
-    p.add_argument("--duration", metavar="S", type=_duration, default=DEFAULT_DURATION_S,
+    p.add_argument("--duration", metavar="S", type=seconds_between(3, 3600), default=DEFAULT_DURATION_S,
                    help=f"seconds of traffic (default {DEFAULT_DURATION_S:g})")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from modelfleet.demo import run_demo
+    from modelfleet.cli.demo.run import run_demo
 
     return run_demo(args.config, args.duration)

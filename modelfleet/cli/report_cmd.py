@@ -11,21 +11,14 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from modelfleet.cli import seconds_between
+
 if TYPE_CHECKING:
     from modelfleet.config import FleetConfig
 
 DEFAULT_WATCH_S = 2.0
 DEFAULT_TIMEOUT_S = 5.0
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 3600 seconds, got {text}")
-    return value
+_SECONDS = seconds_between(0, 3600, low_included=False)
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -40,10 +33,10 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="only this model (name or alias; repeat for more)")
     p.add_argument("--json", action="store_true",
                    help="print JSON for scripts: {\"servers\": [...], \"models\": {...}, \"ok\": ...}")
-    p.add_argument("--watch", metavar="SECONDS", nargs="?", type=_seconds, const=DEFAULT_WATCH_S,
+    p.add_argument("--watch", metavar="SECONDS", nargs="?", type=_SECONDS, const=DEFAULT_WATCH_S,
                    help=f"probe again every SECONDS (default {DEFAULT_WATCH_S:g}) until Ctrl-C; "
                         "with --json, one JSON object per line")
-    p.add_argument("--timeout", metavar="S", type=_seconds, default=None,
+    p.add_argument("--timeout", metavar="S", type=_SECONDS, default=None,
                    help=f"seconds one probe may take before its server counts as down "
                         f"(default {DEFAULT_TIMEOUT_S:g})")
     p.set_defaults(func=run)
@@ -78,7 +71,9 @@ async def _report(config: FleetConfig, models: list[str] | None, timeout_s: floa
     import asyncio
     import time
 
-    from modelfleet.report import FleetProber, format_table, print_json, use_colour
+    from modelfleet.cli.report_view import format_table, print_json
+    from modelfleet.cli.terminal import use_colour
+    from modelfleet.report import FleetProber
 
     out = sys.stdout
     tty = out.isatty()

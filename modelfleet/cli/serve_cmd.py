@@ -6,7 +6,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    from launcher.cli import add_arguments
+    from modelfleet.launcher.cli import add_arguments
 
     p = sub.add_parser(
         "serve", parents=[common],
@@ -18,6 +18,6 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
 
 
 def run(args: argparse.Namespace) -> int:
-    from launcher.cli import execute
+    from modelfleet.launcher.cli import execute
 
     return execute(args)
