@@ -3,6 +3,7 @@
     python -m bench                          # everything (about 10-15 minutes on 2 cores)
     python -m bench --quick                  # a smaller version of everything (under 3 minutes)
     python -m bench --scenario overhead --contenders raw,modelfleet:peak_ewma
+    python -m bench --scenario cpu --loop asyncio,uvloop
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from bench import fleet, report
 from bench.contenders import ALL, FAMILIES, Tuning, expand
+from bench.cpu_client import LOOPS
 from bench.progress import Progress
 from bench.scenarios import NAMES, runner
 from bench.scenarios.base import Context, Outcome, Scale
@@ -45,6 +47,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where results.md, results.json, the plots and the sims' logs go "
                         "(default bench/results)")
     p.add_argument("--seed", type=int, default=7, help="workload seed (default 7)")
+    p.add_argument("--loop", default="asyncio", metavar="NAME,...",
+                   help=f"event loops the cpu scenario's client processes run on, "
+                        f"comma-separated: {', '.join(LOOPS)} (default asyncio; uvloop only "
+                        f"if installed, else skipped with a note)")
     args = p.parse_args(argv)
     try:
         args.contender_names = expand(args.contenders or (QUICK_CONTENDERS if args.quick else "all"))
@@ -52,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(exc))
     if not args.contender_names:
         p.error("--contenders named no contender")
+    args.loops = tuple(dict.fromkeys(n.strip() for n in args.loop.split(",") if n.strip()))
+    if not args.loops or any(n not in LOOPS for n in args.loops):
+        p.error(f"--loop: use {' and/or '.join(LOOPS)}, comma-separated; got {args.loop!r}")
     if args.requests is not None and args.requests < 1:
         p.error(f"--requests must be >= 1, got {args.requests}")
     return args
@@ -60,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 async def run_all(args: argparse.Namespace, progress: Progress) -> tuple[list[Outcome], Context]:
     ctx = Context(out_dir=args.out, contenders=args.contender_names,
                   scale=Scale(quick=args.quick, requests=args.requests), seed=args.seed,
-                  progress=progress, tuning=Tuning())
+                  progress=progress, tuning=Tuning(), loops=args.loops)
     # SIGTERM cancels the run like Ctrl-C does, so every fleet's `async with` stops its sims.
     main_task = asyncio.current_task()
     assert main_task is not None

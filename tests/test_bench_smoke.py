@@ -1,4 +1,4 @@
-"""The bench still runs: one tiny overhead run as a user would start it, tables and JSON out.
+"""The bench still runs: tiny overhead and cpu runs as a user would start them, tables and JSON out.
 
 No timing is asserted (speed claims live in bench/README.md, measured side by side); this only
 checks that the harness starts its sims, drives raw aiohttp and modelfleet through every op,
@@ -62,6 +62,37 @@ def test_quick_overhead_writes_table_and_json(tmp_path):
     # Every sim the bench started is gone.
     assert doc["sim_servers"], doc
     assert all(refuses(a) for a in doc["sim_servers"]), doc["sim_servers"]
+
+
+def test_cpu_scenario_measures_each_client_process(tmp_path):
+    out = tmp_path / "results"
+    proc = run_bench("--scenario", "cpu", "--no-plots", "--contenders", CONTENDERS,
+                     "--requests", "12", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for mode in ("chat", "stream"):
+        for name in CONTENDERS.split(","):
+            assert f"| {mode} | asyncio | {name} | 12 |" in proc.stdout, (mode, name, proc.stdout)
+
+    doc = json.loads((out / "results.json").read_text())
+    results = doc["scenarios"]["cpu"]["results"]
+    for mode in ("chat", "stream"):
+        rows = results[mode]["asyncio"]
+        for name in CONTENDERS.split(","):
+            assert rows[name]["requests"] == 12, (mode, name, rows[name])
+            assert rows[name]["cpu_us_per_request"] > 0, (mode, name, rows[name])
+        assert rows["modelfleet:peak_ewma"]["cpu_vs_raw"] > 0, rows
+    # The canned server is stopped, and so is every client process (the log says what ran).
+    assert doc["sim_servers"] and all(refuses(a) for a in doc["sim_servers"]), doc["sim_servers"]
+    assert "bench.cpu_client --serve --contender raw-aiohttp" in \
+        (out / "logs" / "cpu-clients.log").read_text()
+
+
+def test_unknown_loop_is_a_usage_error(tmp_path):
+    proc = run_bench("--scenario", "cpu", "--loop", "asyncio,trio", "--out", str(tmp_path),
+                     timeout=60)
+    assert proc.returncode == 2
+    assert "--loop: use asyncio and/or uvloop" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_unknown_contender_is_a_usage_error(tmp_path):

@@ -50,6 +50,7 @@ class Context:
     seed: int
     progress: Progress
     tuning: Tuning = Tuning()
+    loops: tuple[str, ...] = ("asyncio",)  # event loops of the cpu scenario's client processes
     notes: list[str] = field(default_factory=list)  # skipped contenders and why
 
     def fleet(self, plans: Sequence[ServerPlan]) -> SimFleet:
