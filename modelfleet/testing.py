@@ -137,7 +137,7 @@ def sim_argv(port: int, model: str, kind: str = "chat", host: str = HOST,
     return argv
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: ask Linux to SIGTERM it when its parent goes away."""
     with contextlib.suppress(Exception):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -181,7 +181,7 @@ class SimProcess:
         # The parent-death signal follows the thread that started the child, and a pool's
         # thread ends long before the sim should: only from the main thread.
         tied = sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
-        preexec = _die_with_parent if tied else None
+        preexec = die_with_parent if tied else None
         if self.log_path is not None:
             with self.log_path.open("ab") as log:
                 self.proc = subprocess.Popen(

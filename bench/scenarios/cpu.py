@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.contenders import RAW, Unavailable, build
-from bench.fleet import ServerPlan, _die_with_parent
+from bench.fleet import ServerPlan
 from bench.measure import median, percentile
 from bench.scenarios.base import Context, Outcome, Table, pct, times
+from modelfleet.testing import die_with_parent
 
 CONCURRENCY = 32
 MODES = ("chat", "stream")
@@ -153,7 +154,7 @@ class ClientProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, cwd=REPO, stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE, stderr=err,
-                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
         ready = await self._line(START_TIMEOUT_S)
         if ready.get("ready") != self.name:
             raise RuntimeError(f"{self.name}: unexpected first line {ready!r}")
