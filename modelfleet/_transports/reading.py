@@ -143,7 +143,8 @@ class TokenStream:
     def _take(self, event: Any) -> str:
         if not isinstance(event, dict):
             return ""
-        raise_in_band_error(event, self.server)
+        if "error" in event:
+            raise_in_band_error(event, self.server)
         if not self.model:
             self.model = event.get("model") or ""
         usage = event.get("usage")

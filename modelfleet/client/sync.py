@@ -104,6 +104,8 @@ class ModelServer:
             self._finalizer = None
         self._lock = threading.Lock()
         self._loop = self._thread = self._core = None
+        if self._transport is not None:
+            self._transport.forget_session()  # its connections belong to the parent's loop
 
     # -- the API -----------------------------------------------------------
 
