@@ -67,9 +67,9 @@ async def _benchmark(transport: AsyncBaseTransport, model: ModelSpec, server: Se
     try:
         if model.kind == "embedding":
             answer = await transport.embed(server, {"model": model.wire_name,
-                                               "input": [benchmark.embedding_input]},
-                                      api_key=model.api_key, stall_s=stall_s,
-                                      timeout_s=timeout_s)
+                                                    "input": [benchmark.embedding_input]},
+                                           api_key=model.api_key, stall_s=stall_s,
+                                           timeout_s=timeout_s)
             return {**base, "ok": True, "ttft_s": answer.total_s, "total_s": answer.total_s}
         generation = await transport.generate(
             server, "/v1/chat/completions",
