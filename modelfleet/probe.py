@@ -11,10 +11,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from modelfleet._exceptions import EngineFailure
+from modelfleet._transports.base import AsyncBaseTransport
+from modelfleet._transports.models import QueueSample
 from modelfleet.config import BenchmarkSpec, ModelSpec, ServerSpec
 from modelfleet.errors import RequestRejected
 from modelfleet.routing import Endpoint, Failure, Work
-from modelfleet.wire import EngineFailure, QueueSample, Wire
 
 
 @dataclass(frozen=True)
@@ -42,7 +44,7 @@ def benchmark_work(model: ModelSpec, benchmark: BenchmarkSpec) -> Work:
     return Work.for_chat(benchmark.messages, benchmark.max_tokens)
 
 
-async def probe_server(wire: Wire, model: ModelSpec, server: ServerSpec,
+async def probe_server(transport: AsyncBaseTransport, model: ModelSpec, server: ServerSpec,
                        benchmark: BenchmarkSpec, *, stall_s: float,
                        timeout_s: float) -> ProbeResult:
     """/metrics scrape, then the benchmark request; never raises for the server.
@@ -51,25 +53,25 @@ async def probe_server(wire: Wire, model: ModelSpec, server: ServerSpec,
     (an idle server must read as idle, not as running one request).
     """
     started = time.monotonic()
-    queue = await _scrape(wire, model, server, timeout_s=min(timeout_s / 4, 2.0))
+    queue = await _scrape(transport, model, server, timeout_s=min(timeout_s / 4, 2.0))
     left = timeout_s - (time.monotonic() - started)  # the whole probe stays within timeout_s
-    bench = await _benchmark(wire, model, server, benchmark, stall_s=min(stall_s, left),
+    bench = await _benchmark(transport, model, server, benchmark, stall_s=min(stall_s, left),
                              timeout_s=left)
     return ProbeResult(**{**bench, "queue": queue, "at": time.time()})
 
 
-async def _benchmark(wire: Wire, model: ModelSpec, server: ServerSpec,
+async def _benchmark(transport: AsyncBaseTransport, model: ModelSpec, server: ServerSpec,
                      benchmark: BenchmarkSpec, *, stall_s: float, timeout_s: float) -> dict:
     work = benchmark_work(model, benchmark)
     base = {"model": model.name, "server": server.address, "work": work}
     try:
         if model.kind == "embedding":
-            answer = await wire.embed(server, {"model": model.wire_name,
-                                               "input": [benchmark.embedding_input]},
-                                      api_key=model.api_key, stall_s=stall_s,
-                                      timeout_s=timeout_s)
+            answer = await transport.embed(server, {"model": model.wire_name,
+                                                    "input": [benchmark.embedding_input]},
+                                           api_key=model.api_key, stall_s=stall_s,
+                                           timeout_s=timeout_s)
             return {**base, "ok": True, "ttft_s": answer.total_s, "total_s": answer.total_s}
-        generation = await wire.generate(
+        generation = await transport.generate(
             server, "/v1/chat/completions",
             {"model": model.wire_name, "messages": [dict(m) for m in benchmark.messages],
              "max_tokens": benchmark.max_tokens},
@@ -83,10 +85,10 @@ async def _benchmark(wire: Wire, model: ModelSpec, server: ServerSpec,
         return {**base, "ok": False, "reason": f"rejected the benchmark request: {exc.message}"}
 
 
-async def _scrape(wire: Wire, model: ModelSpec, server: ServerSpec, *,
+async def _scrape(transport: AsyncBaseTransport, model: ModelSpec, server: ServerSpec, *,
                   timeout_s: float) -> QueueSample | None:
     try:
-        return await wire.queue(server, timeout_s=timeout_s, api_key=model.api_key)
+        return await transport.queue(server, timeout_s=timeout_s, api_key=model.api_key)
     except EngineFailure:
         return None
 

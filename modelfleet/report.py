@@ -31,10 +31,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from modelfleet._transports.aiohttp import AiohttpTransport
+from modelfleet.client.route import Route
 from modelfleet.config import FleetConfig, ModelSpec, ServerSpec
 from modelfleet.probe import ProbeResult, apply_probe, benchmark_work, probe_server
-from modelfleet.routing import Endpoint, Failure, Health, Pool, make_policy
-from modelfleet.wire import Wire
+from modelfleet.routing import Endpoint, Failure, Health, Pool
 
 DEFAULT_TIMEOUT_S = 5.0
 # Two probes of the same tiny request differ by a few milliseconds of scheduling
@@ -124,15 +125,9 @@ class FleetProber:
         names = list(models) if models else list(config.models)
         self.models: list[ModelSpec] = [config.models[name] for name in names]
         self.timeout_s = timeout_s
-        self._wire = Wire(limit_per_host=8, connect_timeout_s=timeout_s)
-        routing = config.routing
-        self._pools = {
-            spec.name: Pool([s.address for s in spec.servers],
-                            make_policy(routing.policy,
-                                        latency_growing_rate=routing.latency_growing_rate),
-                            degrade_ratio=routing.latency_growing_rate)
-            for spec in self.models
-        }
+        self._transport = AiohttpTransport(limit_per_host=8, connect_timeout_s=timeout_s)
+        # The client's own routing state per model, so "would pick" is the client's answer.
+        self._pools = {spec.name: Route(spec, config.routing).pool for spec in self.models}
 
     async def probe(self) -> FleetReport:
         """One round: every server of every model at once."""
@@ -158,7 +153,7 @@ class FleetProber:
                            took_s=time.perf_counter() - started, at=time.time())
 
     async def close(self) -> None:
-        await self._wire.close()
+        await self._transport.close()
 
     async def __aenter__(self) -> FleetProber:
         return self
@@ -170,7 +165,7 @@ class FleetProber:
         try:
             # probe_server bounds itself by timeout_s; the margin only guards against a bug there.
             return await asyncio.wait_for(
-                probe_server(self._wire, spec, server, self.config.benchmark,
+                probe_server(self._transport, spec, server, self.config.benchmark,
                              stall_s=self.timeout_s, timeout_s=self.timeout_s),
                 self.timeout_s + 1.0)
         except asyncio.TimeoutError:

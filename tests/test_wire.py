@@ -10,14 +10,11 @@ import time
 import pytest
 from helpers import FIXTURES, free_port
 
-from modelfleet.config import ServerSpec
-from modelfleet.errors import RequestRejected
-from modelfleet.routing import Failure
-from modelfleet.wire import (
+from modelfleet._exceptions import EngineFailure
+from modelfleet._transports.aiohttp import AiohttpTransport
+from modelfleet._transports.models import QueueSample
+from modelfleet._transports.parse import (
     DONE,
-    EngineFailure,
-    QueueSample,
-    Wire,
     chunk_text,
     classify_status,
     error_message,
@@ -27,6 +24,9 @@ from modelfleet.wire import (
     parse_sse,
     retry_after_seconds,
 )
+from modelfleet.config import ServerSpec
+from modelfleet.errors import RequestRejected
+from modelfleet.routing import Failure
 
 # --------------------------------------------------------------------------- fixtures (vLLM)
 
@@ -161,7 +161,7 @@ CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}], 
 
 async def test_live_stream_generate_and_completions(start_sim) -> None:
     sim = start_sim(speed=200)
-    wire = Wire()
+    wire = AiohttpTransport()
     try:
         stream = await wire.open_stream(_server(sim), "/v1/chat/completions", CHAT,
                                         api_key=None, stall_s=5, timeout_s=30)
@@ -186,7 +186,7 @@ async def test_live_stream_generate_and_completions(start_sim) -> None:
 
 async def test_live_whole_answer_equals_the_streamed_one(start_sim) -> None:
     sim = start_sim(speed=200)
-    wire = Wire()
+    wire = AiohttpTransport()
     try:
         for path, body in (("/v1/chat/completions", CHAT),
                            ("/v1/completions", {"model": "m", "prompt": "Once", "max_tokens": 5})):
@@ -212,7 +212,7 @@ async def test_live_whole_answer_equals_the_streamed_one(start_sim) -> None:
 
 async def test_live_embeddings_base64_equal_float_answer(start_sim) -> None:
     sim = start_sim(model="e", kind="embedding", speed=200, dim=32)
-    wire = Wire()
+    wire = AiohttpTransport()
     inputs = [f"sentence {i}" for i in range(5)]
     try:
         got = await wire.embed(_server(sim), {"model": "e", "input": inputs}, api_key=None,
@@ -230,7 +230,7 @@ async def test_live_embeddings_base64_equal_float_answer(start_sim) -> None:
 
 async def test_live_bad_request_is_rejected_with_the_servers_message(start_sim) -> None:
     sim = start_sim(speed=200)
-    wire = Wire()
+    wire = AiohttpTransport()
     try:
         with pytest.raises(RequestRejected) as caught:
             await wire.generate(_server(sim), "/v1/chat/completions", {**CHAT, "max_tokens": -5},
@@ -252,7 +252,7 @@ async def test_live_bad_request_is_rejected_with_the_servers_message(start_sim) 
 async def test_live_faults_map_to_failure_kinds(start_sim, fault: dict, failure: Failure) -> None:
     sim = start_sim(speed=200)
     sim.fault(**fault)
-    wire = Wire()
+    wire = AiohttpTransport()
     started = time.monotonic()
     try:
         with pytest.raises(EngineFailure) as caught:
@@ -265,7 +265,7 @@ async def test_live_faults_map_to_failure_kinds(start_sim, fault: dict, failure:
 
 
 async def test_refused_connection() -> None:
-    wire = Wire()
+    wire = AiohttpTransport()
     try:
         with pytest.raises(EngineFailure) as caught:
             await wire.generate(ServerSpec("127.0.0.1", free_port()), "/v1/chat/completions",
@@ -278,7 +278,7 @@ async def test_refused_connection() -> None:
 
 async def test_api_key_is_sent_as_bearer(start_sim) -> None:
     sim = start_sim(speed=200, api_key="s3cret-key")
-    wire = Wire()
+    wire = AiohttpTransport()
     try:
         with pytest.raises(EngineFailure) as caught:
             await wire.generate(_server(sim), "/v1/chat/completions", CHAT, api_key="wrong",
@@ -294,7 +294,7 @@ async def test_api_key_is_sent_as_bearer(start_sim) -> None:
 
 async def test_leaving_a_stream_early_frees_the_servers_slot(start_sim) -> None:
     sim = start_sim(speed=20)
-    wire = Wire()
+    wire = AiohttpTransport()
     try:
         stream = await wire.open_stream(_server(sim), "/v1/chat/completions",
                                         {**CHAT, "max_tokens": 500}, api_key=None, stall_s=5,
@@ -312,7 +312,7 @@ async def test_leaving_a_stream_early_frees_the_servers_slot(start_sim) -> None:
 
 async def test_waiting_for_a_pooled_connection_is_not_server_latency(start_sim) -> None:
     sim = start_sim(speed=10)  # one reply of 6 tokens takes about 0.12 s
-    wire = Wire(limit_per_host=1)  # the second request waits for the first one's connection
+    wire = AiohttpTransport(limit_per_host=1)  # the second request waits for the first one's connection
     started = time.perf_counter()
     try:
         first, second = await asyncio.gather(*[

@@ -16,7 +16,9 @@ CONTRACT (the client and the wire layer rely on these names)
                  Endpoint(address, *, clock, decay_s=5.0, degrade_ratio=2.0, peers=None)
                    .address .in_flight .queue_running .queue_waiting .requests .failures .rates
                    .health .reason .down_since .paused_until            (read-only properties)
-                   .begin() / .end()                 around every request (end after observe_*)
+                   .lease()                          `with ep.lease():` around every request
+                                                     (begin() on entry, end() on exit; observe_*
+                                                     inside); .begin() / .end() underneath
                    .observe_success(*, ttft_s, total_s, work, output_tokens=None)
                    .observe_failure(failure, reason, *, retry_after_s=None)
                    .observe_queue(running, waiting)  from /metrics (None: unknown)
@@ -48,11 +50,10 @@ HOW THE CLIENT USES IT, per request::
         ep = pool.choose(work, exclude=tried, affinity=key)      # None: every server tried
         if ep is None: break
         deadline = ep.stall_deadline(floor_s=stall_timeout_s, ceiling_s=request_timeout_s, work=work)
-        ep.begin()                                               # at once, before any await
-        try: ... on success: ep.observe_success(ttft_s=..., total_s=..., work=work,
-                                                output_tokens=usage.completion_tokens)
-             ... on failure: ep.observe_failure(Failure.X, "HTTP 500: ...", retry_after_s=...)
-        finally: ep.end()
+        with ep.lease():                                         # at once, before any await
+            ... on success: ep.observe_success(ttft_s=..., total_s=..., work=work,
+                                               output_tokens=usage.completion_tokens)
+            ... on failure: ep.observe_failure(Failure.X, "HTTP 500: ...", retry_after_s=...)
         tried.add(ep.address)
     if pool.wants_benchmark(): probe every server (outside the request path)
 
@@ -60,20 +61,20 @@ Which Failure: connection refused / reset / DNS -> REFUSED; request timeout or
 silence past stall_deadline -> TIMEOUT; 429 and 503 -> BACKPRESSURE (pass
 Retry-After as retry_after_s); 404 / 401 / 403 -> MISCONFIGURED; other 5xx ->
 SERVER_ERROR. Any other 4xx is the request's fault, not the server's: no
-observe_*, just ``end()``, and RequestRejected. The reason is shown to people
+observe_*, just the lease's end, and RequestRejected. The reason is shown to people
 ("HTTP 404: model 'x' does not exist"): never put headers or the api_key in it.
 
 Measure total_s from when the request goes out (not while waiting for a pooled
 connection); pass ttft_s whenever the first token was seen (stream internally),
 since without it the prompt's share can only be guessed. A client-side cancel
-(the caller left a stream) is neither success nor failure: just ``end()``.
+(the caller left a stream) is neither success nor failure: just the lease's end.
 Background probes call observe_success / observe_failure / observe_queue with
 the benchmark's Work and no begin/end. None of these objects is thread-safe:
 drive them from one event loop, or under one lock.
 """
 
 from modelfleet.routing.budget import RetryBudget
-from modelfleet.routing.endpoint import Endpoint, EndpointStatus, Failure, Health
+from modelfleet.routing.endpoint import Endpoint, EndpointStatus, Failure, Health, Lease
 from modelfleet.routing.fastest import Fastest
 from modelfleet.routing.least_loaded import LeastLoaded
 from modelfleet.routing.peak_ewma import PeakEwma
@@ -90,6 +91,7 @@ __all__ = [
     "Fastest",
     "Health",
     "LeastLoaded",
+    "Lease",
     "PeakEwma",
     "Policy",
     "Pool",

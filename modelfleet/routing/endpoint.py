@@ -23,7 +23,7 @@ the benchmark's Work, ``observe_failure`` on error, ``observe_queue`` from
 down server; its success alone brings the server back).
 
 Not thread-safe: the client drives every Endpoint from one event loop (or
-under one lock), and calls ``begin()`` right after ``Pool.choose`` returns.
+under one lock), and takes its ``lease()`` right after ``Pool.choose`` returns.
 """
 
 from __future__ import annotations
@@ -89,6 +89,22 @@ class EndpointStatus:
     requests: int  # successes observed (requests and probes)
     failures: int  # failures observed, back-pressure included
     down_since: float | None  # clock time it went down
+
+
+class Lease:
+    """One request on one endpoint, as a context manager: no path can forget ``end()``."""
+
+    __slots__ = ("endpoint",)
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    def __enter__(self) -> Endpoint:
+        self.endpoint.begin()
+        return self.endpoint
+
+    def __exit__(self, *exc: object) -> None:
+        self.endpoint.end()
 
 
 class Endpoint:
@@ -172,6 +188,11 @@ class Endpoint:
         return None
 
     # -- what happened -----------------------------------------------------
+
+    def lease(self) -> Lease:
+        """`with endpoint.lease():` around one request: begin() on entry, end() on exit,
+        whatever happens inside (observe_* belongs inside the block)."""
+        return Lease(self)
 
     def begin(self) -> None:
         """A request went out. On a down endpoint it is the trial: no other until it ends."""

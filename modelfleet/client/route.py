@@ -1,0 +1,53 @@
+"""One model as the client routes it: its servers, their endpoints, its retry budget."""
+
+from __future__ import annotations
+
+import asyncio
+
+from modelfleet.client.retry import RetryState
+from modelfleet.config import ModelSpec, RoutingSpec, ServerSpec
+from modelfleet.routing import Pool, RetryBudget, make_policy
+
+
+class Route:
+    """A model's servers (by address), their routing `Pool` and its `RetryBudget`.
+
+    The report builds the same object to ask the routing code which server it would pick.
+    """
+
+    def __init__(self, spec: ModelSpec, routing: RoutingSpec, seed: int | None = None) -> None:
+        self.spec = spec
+        self.routing = routing
+        self.servers: dict[str, ServerSpec] = {s.address: s for s in spec.servers}
+        self.pool = Pool(list(self.servers),
+                         make_policy(routing.policy,
+                                     latency_growing_rate=routing.latency_growing_rate,
+                                     seed=seed),
+                         degrade_ratio=routing.latency_growing_rate)
+        self.budget = RetryBudget(ratio=routing.retry_budget_ratio,
+                                  min_per_s=routing.retry_budget_min_per_s)
+        self.first_probe: asyncio.Task[None] | None = None
+        self.in_use = False  # a request asked for it: probed in the background from then on
+        self.ready = False  # its first benchmark finished (or was waited for long enough)
+        self.benchmarking = False
+        self.first_try = RetryState.first(routing.max_retry)  # every request starts from it
+
+    def update(self, spec: ModelSpec, routing: RoutingSpec, seed: int | None) -> None:
+        """A reloaded config: new servers join, removed ones drain (requests on them finish)."""
+        if routing.policy != self.routing.policy or \
+                routing.latency_growing_rate != self.routing.latency_growing_rate:
+            self.pool.policy = make_policy(routing.policy,
+                                           latency_growing_rate=routing.latency_growing_rate,
+                                           seed=seed)
+        if (routing.retry_budget_ratio, routing.retry_budget_min_per_s) != \
+                (self.routing.retry_budget_ratio, self.routing.retry_budget_min_per_s):
+            self.budget = RetryBudget(ratio=routing.retry_budget_ratio,
+                                      min_per_s=routing.retry_budget_min_per_s)
+        servers = {s.address: s for s in spec.servers}
+        for address in self.servers.keys() - servers.keys():
+            self.pool.remove(address)
+        for address in servers.keys() - self.servers.keys():
+            self.pool.add(address)
+        self.spec, self.routing, self.servers = spec, routing, servers
+        self.first_try = RetryState.first(routing.max_retry)
+

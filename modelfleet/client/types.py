@@ -1,0 +1,147 @@
+"""What the client hands back: finished answers, streams, embeddings, status."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from modelfleet._transports.reading import TokenStream
+from modelfleet.routing import EndpointStatus
+
+
+@dataclass(frozen=True)
+class ChatResult:
+    """A finished chat or text completion, and where and how fast it came."""
+
+    text: str
+    usage: Mapping[str, int]
+    server: str  # host:port that answered
+    latency_s: float  # from the request going out to its last byte
+    ttft_s: float  # from the request going out to its first token (a whole answer, asked
+    #               for in one piece when max_tokens is given, has all its tokens at latency_s)
+    finish_reason: str | None
+    model: str  # the model name the server reported
+
+
+@dataclass
+class StreamProgress:
+    """Where a stream is answered from, and its tokens so far (filled in as it goes)."""
+
+    server: str | None = None
+    tokens: TokenStream | None = None
+
+
+class ChatStream:
+    """The text deltas of one streamed chat completion, as an async iterator.
+
+    `server` is the host:port answering once the first token came (None before);
+    `text`, `usage` and `finish_reason` fill in as the stream goes. Dropping it, `break`,
+    `aclose()` or leaving an `async with` block cancels the request upstream.
+    """
+
+    def __init__(self, progress: StreamProgress, pieces: AsyncIterator[str]) -> None:
+        # The generator writes to `progress`, never to this object: no reference cycle, so
+        # dropping the stream finalizes the generator at once (and closes the request).
+        self._progress = progress
+        self._pieces = pieces
+
+    @property
+    def server(self) -> str | None:
+        return self._progress.server
+
+    @property
+    def text(self) -> str:
+        """Everything received so far."""
+        tokens = self._progress.tokens
+        return tokens.text if tokens is not None else ""
+
+    @property
+    def usage(self) -> Mapping[str, int]:
+        tokens = self._progress.tokens
+        return dict(tokens.usage) if tokens is not None else {}
+
+    @property
+    def finish_reason(self) -> str | None:
+        tokens = self._progress.tokens
+        return tokens.finish_reason if tokens is not None else None
+
+    def __aiter__(self) -> ChatStream:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._pieces.__anext__()
+
+    async def aclose(self) -> None:
+        await self._pieces.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> ChatStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+class SyncChatStream:
+    """`ChatStream` for `ModelServer`: a plain iterator of text deltas.
+
+    Each delta is fetched when asked for, so a slow reader holds the server back
+    rather than filling a buffer. Dropping it, `break`, `close()` or leaving a `with`
+    block cancels the request upstream.
+    """
+
+    def __init__(self, stream: ChatStream, pieces: Iterator[str]) -> None:
+        self._stream = stream
+        self._pieces = pieces
+
+    @property
+    def server(self) -> str | None:
+        return self._stream.server
+
+    @property
+    def text(self) -> str:
+        return self._stream.text
+
+    @property
+    def usage(self) -> Mapping[str, int]:
+        return self._stream.usage
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._stream.finish_reason
+
+    def __iter__(self) -> SyncChatStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> SyncChatStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """Embeddings with where and how fast they came (`embed` returns just the vectors)."""
+
+    vectors: Any  # list of float lists, or a 2-D numpy float32 array
+    usage: Mapping[str, int]  # summed over the batches
+    servers: tuple[str, ...]  # host:port that answered each batch of up to 256 inputs
+    latency_s: float  # of the slowest batch, from its request going out to its last byte
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """What the client knows about one model's servers right now."""
+
+    model: str
+    kind: str
+    policy: str
+    servers: tuple[EndpointStatus, ...]
+
