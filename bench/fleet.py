@@ -39,6 +39,10 @@ class ServerPlan:
     speed: float = 1.0
     flags: Mapping[str, Any] = field(default_factory=dict)
 
+    def argv(self, port: int) -> list[str] | None:
+        """Another server's command line (the cpu scenario's canned server); None: the sim."""
+        return None
+
 
 class SimServer(SimProcess):
     """One sim of the bench: its plan, and the bookkeeping that stops it even at exit."""
@@ -46,6 +50,7 @@ class SimServer(SimProcess):
     def __init__(self, plan: ServerPlan, port: int, log_path: Path) -> None:
         super().__init__(port, plan.model, plan.kind, host=HOST,
                          flags={"speed": plan.speed, **plan.flags}, log_path=log_path)
+        self.argv = plan.argv(port) or self.argv
         self.plan = plan
 
     def spawn(self) -> SimServer:
