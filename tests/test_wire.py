@@ -292,6 +292,42 @@ async def test_api_key_is_sent_as_bearer(start_sim) -> None:
         await wire.close()
 
 
+async def test_requests_say_who_sent_them_and_carry_json() -> None:
+    """The User-Agent is modelfleet's (not aiohttp's), every POST says application/json,
+    and a body orjson will not take (a non-string key, an integer over 64 bits) still
+    goes out as the standard library writes it."""
+    from aiohttp import web
+
+    seen: list[tuple[str, str, bytes]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append((request.headers.get("User-Agent", ""),
+                     request.headers.get("Content-Type", ""), await request.read()))
+        return web.json_response({"model": "m", "usage": {"completion_tokens": 1},
+                                  "choices": [{"message": {"content": "ok"},
+                                               "finish_reason": "stop"}]})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", answer)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    wire = AiohttpTransport()
+    server = ServerSpec(host="127.0.0.1", port=port)
+    try:
+        for body in (CHAT, {**CHAT, "logit_bias": {1: 2**70}}):
+            got = await wire.generate_whole(server, "/v1/chat/completions", body,
+                                            api_key=None, deadline_s=10)
+            assert got.text == "ok" and got.output_tokens == 1
+    finally:
+        await wire.close()
+        await runner.cleanup()
+    assert [(agent, kind) for agent, kind, _ in seen] == [("modelfleet", "application/json")] * 2
+    assert json.loads(seen[0][2])["messages"] == CHAT["messages"]
+    assert json.loads(seen[1][2])["logit_bias"] == {"1": 2**70}
+
+
 async def test_leaving_a_stream_early_frees_the_servers_slot(start_sim) -> None:
     sim = start_sim(speed=20)
     wire = AiohttpTransport()

@@ -14,12 +14,25 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
+import orjson
 
 from modelfleet._exceptions import TRANSPORT_ERRORS, engine_failure, map_exceptions
 from modelfleet._transports.base import AsyncBaseTransport
 from modelfleet._transports.models import Sent
 from modelfleet._transports.parse import status_failure
 from modelfleet.config import ServerSpec
+
+_TIMEOUTS_KEPT = 64  # distinct deadlines whose ClientTimeout is reused (they repeat: floors)
+
+
+def json_body(body: Mapping[str, Any]) -> bytes:
+    """A request body as JSON bytes: orjson, or the standard library for what orjson will
+    not take (a non-string key, an integer over 64 bits) so that nothing a caller could
+    send before is refused now."""
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        return json.dumps(body).encode()
 
 
 class AiohttpTransport(AsyncBaseTransport):
@@ -34,6 +47,7 @@ class AiohttpTransport(AsyncBaseTransport):
         # One slot per connection a server may have. A request's clock starts once it holds
         # a slot, so time spent waiting for a connection is never counted as the server's.
         self._slots: dict[str, asyncio.Semaphore] = {}
+        self._timeouts: dict[tuple[float, float, bool], aiohttp.ClientTimeout] = {}
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -43,10 +57,11 @@ class AiohttpTransport(AsyncBaseTransport):
             # same moment, at a cost of tens of microseconds a request).
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0,
                                              keepalive_timeout=self._keepalive_s)
+            # Set once here, not per request: the User-Agent (in place of aiohttp's own, so
+            # no skip list to merge per request) and the JSON Content-Type of every POST.
             self._session = aiohttp.ClientSession(
                 connector=connector, raise_for_status=False,
-                json_serialize=json.dumps, skip_auto_headers=("User-Agent",),
-                headers={"User-Agent": "modelfleet"})
+                headers={"User-Agent": "modelfleet", "Content-Type": "application/json"})
         return self._session
 
     def forget_session(self) -> None:
@@ -61,9 +76,18 @@ class AiohttpTransport(AsyncBaseTransport):
     def _headers(self, api_key: str | None) -> dict[str, str] | None:
         return {"Authorization": f"Bearer {api_key}"} if api_key else None
 
-    def _timeout(self, stall_s: float, timeout_s: float) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(total=timeout_s, sock_read=stall_s,
-                                     sock_connect=min(self._connect_timeout_s, timeout_s))
+    def _timeout(self, stall_s: float, timeout_s: float, whole: bool) -> aiohttp.ClientTimeout:
+        """A whole answer has one deadline and no silence limit: re-arming a read timer on
+        every packet would only repeat it. Deadlines repeat (their floors), and so do these."""
+        key = (stall_s, timeout_s, whole)
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            if len(self._timeouts) >= _TIMEOUTS_KEPT:
+                self._timeouts.clear()
+            timeout = self._timeouts[key] = aiohttp.ClientTimeout(
+                total=timeout_s, sock_read=None if whole else stall_s,
+                sock_connect=min(self._connect_timeout_s, timeout_s))
+        return timeout
 
     async def post(self, server: ServerSpec, path: str, body: Mapping[str, Any], *,
                    api_key: str | None, stall_s: float, timeout_s: float,
@@ -75,8 +99,8 @@ class AiohttpTransport(AsyncBaseTransport):
         sent_at = time.perf_counter()
         try:
             response = await self.session.post(
-                server.url + path, json=body, headers=self._headers(api_key),
-                timeout=self._timeout(stall_s, timeout_s))
+                server.url + path, data=json_body(body), headers=self._headers(api_key),
+                timeout=self._timeout(stall_s, timeout_s, whole_s is not None))
         except TRANSPORT_ERRORS as exc:
             slot.release()
             raise engine_failure(exc, stall_s=stall_s, whole_s=whole_s) from None

@@ -15,6 +15,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import orjson
+
 from modelfleet._exceptions import EngineFailure
 from modelfleet._transports.models import QueueSample
 from modelfleet.errors import RequestRejected
@@ -162,22 +164,27 @@ def parse_embeddings(payload: Mapping[str, Any], *, as_numpy: bool = False) -> A
 DONE = object()  # the SSE terminator `data: [DONE]`
 
 
-def parse_sse(text: str) -> list[Any]:
+def parse_sse(data: bytes | str) -> list[Any]:
     """The events of complete SSE lines: decoded JSON of each `data:` line, `DONE` for
-    the terminator; blank separators, comments and other fields are skipped."""
+    the terminator; blank separators, comments and other fields are skipped.
+
+    Bytes are parsed as they came (orjson reads UTF-8 itself: no decoding to str first);
+    a data line that is not JSON, or not UTF-8, raises ValueError."""
+    if isinstance(data, str):
+        data = data.encode()
     events: list[Any] = []
-    for line in text.split("\n"):
-        if not line.startswith("data:"):
+    for line in data.split(b"\n"):
+        if not line.startswith(b"data:"):
             continue
-        data = line[5:].strip()
-        if data == "[DONE]":
+        payload = line[5:].strip()
+        if payload == b"[DONE]":
             events.append(DONE)
-        elif data:
-            events.append(_decode_json(data))
+        elif payload:
+            events.append(decode_json(payload))
     return events
 
 
-_decode_json = json.JSONDecoder().decode  # str in: skips json.loads' encoding sniffing
+decode_json = orjson.loads  # bytes or str in; its errors are ValueErrors
 
 
 def chunk_text(chunk: Mapping[str, Any]) -> tuple[str, str | None]:

@@ -7,7 +7,6 @@ map transport errors through `modelfleet._exceptions`, and give the connection s
 
 from __future__ import annotations
 
-import json
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,6 +17,7 @@ from modelfleet._transports.models import Embeddings, Generation, ResponseBody
 from modelfleet._transports.parse import (
     DONE,
     chunk_text,
+    decode_json,
     parse_answer,
     parse_embeddings,
     parse_sse,
@@ -103,7 +103,7 @@ class TokenStream:
             return
         self._tail = tail
         try:
-            events = parse_sse(complete.decode("utf-8"))
+            events = parse_sse(complete)
             for event in events:
                 if event is DONE:
                     self._done = True
@@ -124,7 +124,7 @@ class TokenStream:
     async def _one_json_body(self) -> None:
         self._one_body = True
         try:
-            event = json.loads(await self.response.read())
+            event = decode_json(await self.response.read())
         except ValueError as exc:
             self.close()
             raise EngineFailure(Failure.SERVER_ERROR, f"malformed answer: {exc}") from None
@@ -225,7 +225,7 @@ async def read_answer(response: ResponseBody, server: str, sent_at: float, *,
     raw = await _read_body(response, on_end, stall_s=deadline_s, whole_s=deadline_s)
     total_s = time.perf_counter() - sent_at
     try:
-        payload = json.loads(raw)
+        payload = decode_json(raw)
     except ValueError as exc:
         raise EngineFailure(Failure.SERVER_ERROR, f"malformed answer: {exc}") from None
     text, usage, finish, model = parse_answer(payload, server)
@@ -240,7 +240,7 @@ async def read_embeddings(response: ResponseBody, sent_at: float, *, stall_s: fl
     raw = await _read_body(response, on_end, stall_s=stall_s)
     total_s = time.perf_counter() - sent_at
     try:
-        data = json.loads(raw)
+        data = decode_json(raw)
         vectors = parse_embeddings(data, as_numpy=as_numpy)
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise EngineFailure(Failure.SERVER_ERROR, f"malformed embeddings: {exc}") from None
