@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 from modelfleet.routing.rates import (
@@ -212,11 +212,12 @@ class Endpoint:
         output_tokens is what the server reported (usage), else work.output_tokens."""
         self.requests += 1
         self._consecutive_errors = 0
-        if output_tokens is not None:
-            work = replace(work, output_tokens=output_tokens)
+        if output_tokens is not None and output_tokens != work.output_tokens:
+            work = Work(work.kind, work.prompt_tokens, output_tokens)
         now = self._clock()
         slow = self._slower_than_normal(total_s, work)
-        before = self.rates.snapshot()
+        # The rates before this sample are kept only if it is the one that degrades it.
+        before = self.rates.snapshot() if slow and self._health is Health.UP else {}
         if self._health is Health.DOWN:
             self._health, self._reason, self._down_since = Health.UP, None, None
             self._cooldown_s = COOLDOWN_START_S

@@ -74,17 +74,27 @@ class ServiceRates:
 
     def measured(self, work: Work) -> Rates | None:
         """The rates this work needs, or None while any of them is unmeasured."""
-        return rates_for(work, self.snapshot())
+        now = self._clock()
+        rates = {}
+        for name in _needed(work):
+            value = self._estimates[name].read(now)
+            if value is None:
+                return None
+            rates[name] = value
+        return rates
 
     def with_prior(self, work: Work, peers: Iterable[ServiceRates]) -> Rates:
         """Measured rates; an unmeasured one is the median of the measured peers (so a
         new server is tried, yet not flooded as if it were the fastest), else a default."""
-        peers = list(peers)
+        now = self._clock()
+        others: list[ServiceRates] | None = None  # read only when a rate is unmeasured
         rates = {}
         for name in _needed(work):
-            value = self.value(name)
+            value = self._estimates[name].read(now)
             if value is None:
-                known = [v for peer in peers if (v := peer.value(name)) is not None]
+                if others is None:
+                    others = list(peers)
+                known = [v for peer in others if (v := peer.value(name)) is not None]
                 value = statistics.median(known) if known else DEFAULT_RATES[name]
             rates[name] = value
         return rates
