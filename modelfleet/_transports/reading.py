@@ -61,7 +61,8 @@ class TokenStream:
         self._pending: deque[str] = deque()  # read, not yet handed out
         self._tail = b""  # an incomplete last line
         self._done = False
-        self._one_body = False  # it came as one JSON body, not as SSE
+        # One JSON body, not SSE: decided once from the headers, not on every read.
+        self._one_body = response.content_type == _JSON
 
     def __aiter__(self) -> TokenStream:
         return self
@@ -74,6 +75,13 @@ class TokenStream:
             await self._read_more()
         return self._pending.popleft()
 
+    def ready_delta(self) -> str | None:
+        """The next delta if it was read already (no I/O, no await), else None: lets a
+        caller that wraps this stream skip its own frames for deltas that are here."""
+        if self._pending and self.ended_at is None:
+            return self._pending.popleft()
+        return None
+
     async def read_all(self) -> None:
         """Read to the end without handing deltas out one by one."""
         while not self._done:
@@ -83,7 +91,7 @@ class TokenStream:
 
     async def _read_more(self) -> None:
         try:
-            if self.response.content_type == _JSON:
+            if self._one_body:
                 await self._one_json_body()
                 return
             data = await self.response.content.readany()
@@ -188,7 +196,7 @@ class TokenStream:
     def generation(self) -> Generation:
         end = self.ended_at or time.perf_counter()
         first = self.first_token_at or end
-        return Generation(text=self.text, usage=dict(self.usage), finish_reason=self.finish_reason,
+        return Generation(text=self.text, usage=self.usage, finish_reason=self.finish_reason,
                           model=self.model, ttft_s=None if self._one_body else first - self.sent_at,
                           total_s=end - self.sent_at, output_tokens=self.output_tokens)
 

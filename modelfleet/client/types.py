@@ -70,6 +70,14 @@ class ChatStream:
         return self
 
     async def __anext__(self) -> str:
+        # Once the first token came, the deltas already read are handed out from here:
+        # the generator would only pass them through (two frames a delta). It sits at a
+        # `yield`, and its next step would take the same delta from the same stream.
+        tokens = self._progress.tokens
+        if tokens is not None:
+            piece = tokens.ready_delta()
+            if piece is not None:
+                return piece
         return await self._pieces.__anext__()
 
     async def aclose(self) -> None:
