@@ -7,7 +7,6 @@ for a connection is never counted as the server's latency.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from modelfleet._exceptions import TRANSPORT_ERRORS, engine_failure, map_excepti
 from modelfleet._transports.base import AsyncBaseTransport
 from modelfleet._transports.models import Sent
 from modelfleet._transports.parse import status_failure
+from modelfleet._transports.slots import Slots
 from modelfleet.config import ServerSpec
 
 _TIMEOUTS_KEPT = 64  # distinct deadlines whose ClientTimeout is reused (they repeat: floors)
@@ -46,7 +46,7 @@ class AiohttpTransport(AsyncBaseTransport):
         self._session: aiohttp.ClientSession | None = None
         # One slot per connection a server may have. A request's clock starts once it holds
         # a slot, so time spent waiting for a connection is never counted as the server's.
-        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._slots: dict[str, Slots] = {}
         self._timeouts: dict[tuple[float, float, bool], aiohttp.ClientTimeout] = {}
 
     @property
@@ -94,8 +94,9 @@ class AiohttpTransport(AsyncBaseTransport):
                    whole_s: float | None = None) -> Sent:
         slot = self._slots.get(server.address)
         if slot is None:
-            slot = self._slots[server.address] = asyncio.Semaphore(self._limit_per_host)
-        await slot.acquire()
+            slot = self._slots[server.address] = Slots(self._limit_per_host)
+        if not slot.take_now():
+            await slot.wait()
         sent_at = time.perf_counter()
         try:
             response = await self.session.post(
