@@ -68,7 +68,7 @@ class AsyncModelServer:
     async def chat(self, model: str, messages: Sequence[Mapping[str, Any]], *,
                    affinity: str | None = None, **params: Any) -> ChatResult:
         """A chat completion from the best server; extra keywords go to the server."""
-        route = await self._ready(model, "chat")
+        route = self._ready_now(model, "chat") or await self._ready(model, "chat")
         body = {**params, "model": route.spec.wire_name, "messages": list(messages)}
         max_tokens = _max_tokens(params)
         work = Work.for_chat(messages, max_tokens)
@@ -78,7 +78,7 @@ class AsyncModelServer:
     async def complete(self, model: str, prompt: str, *, affinity: str | None = None,
                        **params: Any) -> ChatResult:
         """A text completion (`/v1/completions`) of `prompt`."""
-        route = await self._ready(model, "chat")
+        route = self._ready_now(model, "chat") or await self._ready(model, "chat")
         body = {**params, "model": route.spec.wire_name, "prompt": prompt}
         max_tokens = _max_tokens(params)
         work = Work.for_prompt(prompt if isinstance(prompt, str) else str(prompt), max_tokens)
@@ -99,7 +99,7 @@ class AsyncModelServer:
     async def _stream_chat(self, progress: StreamProgress, model: str,
                            messages: Sequence[Mapping[str, Any]], affinity: str | None,
                            params: dict[str, Any]) -> AsyncIterator[str]:
-        route = await self._ready(model, "chat")
+        route = self._ready_now(model, "chat") or await self._ready(model, "chat")
         body = {**params, "model": route.spec.wire_name, "messages": list(messages)}
         work = Work.for_chat(messages, _max_tokens(params))
         api_key = route.spec.api_key
@@ -158,7 +158,7 @@ class AsyncModelServer:
     async def embed_result(self, model: str, inputs: str | Sequence[str], *,
                            as_numpy: bool = False, **params: Any) -> EmbedResult:
         """`embed`, with the usage, the servers that answered and the latency."""
-        route = await self._ready(model, "embedding")
+        route = self._ready_now(model, "embedding") or await self._ready(model, "embedding")
         items = [inputs] if isinstance(inputs, str) else list(inputs)
         batches = [items[i:i + EMBED_BATCH] for i in range(0, len(items), EMBED_BATCH)]
         if len(batches) <= 1:
@@ -318,6 +318,15 @@ class AsyncModelServer:
             if route is None:
                 route = self._routes[spec.name] = Route(spec, self._config.routing, self._seed)
             self._by_name[model] = route
+        return route
+
+    def _ready_now(self, model: str, kind: str) -> Route | None:
+        """The model's route when nothing is left to do first (the usual case: open, on
+        its loop, benchmarked, the right kind), without a coroutine; else None: `_ready`."""
+        route = self._by_name.get(model)
+        if route is None or not route.ready or route.spec.kind != kind or self._closed or \
+                self._loop is not asyncio.get_running_loop():
+            return None
         return route
 
     async def _ready(self, model: str, kind: str | None) -> Route:
