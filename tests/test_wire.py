@@ -147,6 +147,9 @@ def test_metrics_sglang_names_labels_and_sums() -> None:
     ])
     assert parse_queue(text) == QueueSample(running=7, waiting=5)
     assert parse_queue("# nothing here\nfoo 1\n") is None
+    # A gauge named in a comment or inside a longer name is no sample; CRLF lines are.
+    assert parse_queue("# HELP vllm:num_requests_running 9\r\nvllm:num_requests_running_x 9"
+                       "\r\nvllm:num_requests_waiting 2\r\n") == QueueSample(running=0, waiting=2)
 
 
 # --------------------------------------------------------------------------- live sims

@@ -10,6 +10,7 @@ import array
 import base64
 import email.utils
 import json
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -25,10 +26,6 @@ from modelfleet.routing import Failure
 # Statuses that say "this server, not this request": retried on another server.
 _BACKPRESSURE = frozenset({429, 503})
 _MISCONFIGURED = frozenset({401, 403, 404})
-
-# Queue gauges of the engines we know (summed across label sets: engines, models).
-_RUNNING_METRICS = frozenset({"vllm:num_requests_running", "sglang:num_running_reqs"})
-_WAITING_METRICS = frozenset({"vllm:num_requests_waiting", "sglang:num_queue_reqs"})
 
 _ERROR_TEXT_LIMIT = 500  # characters of a non-JSON error body kept in a message
 
@@ -91,47 +88,42 @@ def classify_status(status: int, message: str, server: str,
 
 
 def parse_queue(metrics_text: str) -> QueueSample | None:
-    """Running and waiting requests from Prometheus text; None if the engine reports neither."""
-    running = waiting = 0.0
+    """Running and waiting requests from Prometheus text; None if the engine reports neither.
+
+    A vLLM /metrics page is about 50 KB, almost all of it other metrics: each engine's
+    gauge prefix is looked for with `str.find` (at the start of a line: not in a HELP or
+    TYPE comment) and only those lines are read, tens of microseconds instead of the
+    milliseconds a parse of every line took.
+    """
+    totals = {"running": 0.0, "waiting": 0.0}
     seen = False
-    for line in metrics_text.splitlines():
-        if not line or line[0] == "#":
-            continue
-        name, value = _metric_sample(line)
-        if name in _RUNNING_METRICS:
-            running += value
+    for prefix in _QUEUE_PREFIXES:
+        start = 0
+        while (at := metrics_text.find(prefix, start)) != -1:
+            start = at + len(prefix)
+            if at and metrics_text[at - 1] != "\n":
+                continue  # inside a comment
+            sample = _QUEUE_SAMPLE.match(metrics_text, at)
+            if sample is None:
+                continue  # another metric of the engine
+            try:
+                value = float(sample.group(2) or "")
+            except ValueError:
+                value = 0.0
+            totals[_QUEUE_GAUGES[sample.group(1)]] += value
             seen = True
-        elif name in _WAITING_METRICS:
-            waiting += value
-            seen = True
-    return QueueSample(running=running, waiting=waiting) if seen else None
+    return QueueSample(**totals) if seen else None
 
 
-def _metric_sample(line: str) -> tuple[str, float]:
-    """(name, value) of one exposition line; labels may hold spaces, braces and escapes."""
-    brace = line.find("{")
-    space = line.find(" ")
-    if brace != -1 and (space == -1 or brace < space):
-        name = line[:brace]
-        i, in_quotes = brace + 1, False
-        while i < len(line):
-            c = line[i]
-            if in_quotes and c == "\\":
-                i += 2
-                continue
-            if c == '"':
-                in_quotes = not in_quotes
-            elif c == "}" and not in_quotes:
-                break
-            i += 1
-        rest = line[i + 1:]
-    else:
-        name, rest = (line, "") if space == -1 else (line[:space], line[space:])
-    parts = rest.split()
-    try:
-        return name, float(parts[0])
-    except (IndexError, ValueError):
-        return name, 0.0
+# Queue gauges of the engines we know (summed across label sets: engines, models).
+_QUEUE_GAUGES = {"vllm:num_requests_running": "running", "sglang:num_running_reqs": "running",
+                 "vllm:num_requests_waiting": "waiting", "sglang:num_queue_reqs": "waiting"}
+_QUEUE_PREFIXES = ("vllm:num_", "sglang:num_")  # what every gauge name above starts with
+# One sample line of a gauge: its name (group 1), labels (quoted values may hold spaces,
+# braces and escaped quotes), then the value (group 2; a timestamp may follow) or nothing.
+_QUEUE_SAMPLE = re.compile(
+    "(" + "|".join(map(re.escape, _QUEUE_GAUGES)) + ")"
+    r'(?:\{(?:[^"}\n]|"(?:[^"\\\n]|\\.)*")*\})?(?:[ \t]+([^ \t\r\n]+)|[ \t\r]*(?:\n|$))')
 
 
 def decode_vector(value: str | Sequence[float]) -> list[float]:
