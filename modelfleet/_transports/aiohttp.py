@@ -8,6 +8,7 @@ for a connection is never counted as the server's latency.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -22,7 +23,15 @@ from modelfleet._transports.parse import status_failure
 from modelfleet._transports.slots import Slots
 from modelfleet.config import ServerSpec
 
-_TIMEOUTS_KEPT = 64  # distinct deadlines whose ClientTimeout is reused (they repeat: floors)
+_TIMEOUTS_KEPT = 256  # distinct deadlines whose ClientTimeout is reused
+
+
+def _round_up(seconds: float) -> float:
+    """`seconds` rounded up to two significant digits (1.4437 -> 1.5, 0.123 -> 0.13)."""
+    if not 0 < seconds < math.inf:
+        return seconds
+    step = 10.0 ** (math.floor(math.log10(seconds)) - 1)
+    return math.ceil(seconds / step) * step
 
 
 def json_body(body: Mapping[str, Any]) -> bytes:
@@ -78,7 +87,10 @@ class AiohttpTransport(AsyncBaseTransport):
 
     def _timeout(self, stall_s: float, timeout_s: float, whole: bool) -> aiohttp.ClientTimeout:
         """A whole answer has one deadline and no silence limit: re-arming a read timer on
-        every packet would only repeat it. Deadlines repeat (their floors), and so do these."""
+        every packet would only repeat it. The deadlines move with every estimate, so they
+        are rounded up to two significant digits (at most 10% longer): then they repeat,
+        and so can their ClientTimeout objects."""
+        stall_s, timeout_s = _round_up(stall_s), _round_up(timeout_s)
         key = (stall_s, timeout_s, whole)
         timeout = self._timeouts.get(key)
         if timeout is None:
