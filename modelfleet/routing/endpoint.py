@@ -356,4 +356,7 @@ class Endpoint:
         return self._error_score * math.exp(-max(now - self._error_stamp, 0.0) / self._decay_s)
 
     def _rates_with_prior(self, work: Work) -> Rates:
+        measured = self.rates.measured(work)  # the usual case: no peers to look at
+        if measured is not None:
+            return measured
         return self.rates.with_prior(work, (peer.rates for peer in self._peers()))
