@@ -34,6 +34,19 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="requests run at once; more wait in a queue (default 64)")
     p.add_argument("--max-model-len", type=int, default=4096,
                    help="context length: longer prompts get a 400 (default 4096)")
+    p.add_argument("--kv-cache-tokens", type=int, default=SimSpec.kv_cache_tokens,
+                   help="KV cache size in tokens, shared by running requests and cached prompt "
+                        "prefixes (LRU); requests wait when running ones fill it (default: "
+                        "max-batch x max-model-len: room for a full batch of the longest requests)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="turn prefix caching off (on by default, as in vLLM): every prompt token "
+                        "is computed again")
+    # The default is the engine's MAX_NUM_BATCHED_TOKENS, filled in by run(): importing the
+    # engine here would slow every other command's start.
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens one engine step computes: prompt chunks, and one per decoding "
+                        "request (chunked prefill; default 8192, so a lone prompt up to that "
+                        "length takes one step)")
     p.add_argument("--seed", type=int, default=SimSpec.seed, help="seed of the generated text and faults")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $SIM_API_KEY)")
@@ -49,9 +62,13 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--speed must be > 0 (1 = real time, 10 = ten times faster), got {args.speed}")
     if not args.batch_slowdown >= 0:
         raise UsageError(f"--batch-slowdown must be >= 0, got {args.batch_slowdown}")
-    for flag in ("dim", "max_batch", "max_model_len"):
-        if getattr(args, flag) < 1:
+    for flag in ("dim", "max_batch", "max_model_len", "max_num_batched_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < args.max_model_len:
+        raise UsageError(f"--kv-cache-tokens ({args.kv_cache_tokens}) must hold one request of "
+                         f"--max-model-len ({args.max_model_len}) tokens, as vLLM requires: raise "
+                         f"it or lower --max-model-len")
     if not args.model.strip():
         raise UsageError("--model must not be empty")
 
@@ -60,11 +77,14 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     import asyncio
 
+    from modelfleet.sim.engine import MAX_NUM_BATCHED_TOKENS
     from modelfleet.sim.server import SimSettings, serve
 
     settings = SimSettings(
         model=args.model, kind=args.kind, speed=args.speed, batch_slowdown=args.batch_slowdown,
         dim=args.dim, max_batch=args.max_batch, seed=args.seed, max_model_len=args.max_model_len,
+        kv_cache_tokens=args.kv_cache_tokens, prefix_caching=args.prefix_caching,
+        max_num_batched_tokens=args.max_num_batched_tokens or MAX_NUM_BATCHED_TOKENS,
         api_key=args.api_key or os.environ.get("SIM_API_KEY") or None,
     )
     try:
