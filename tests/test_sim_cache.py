@@ -22,6 +22,7 @@ from modelfleet.routing.work import estimate_tokens
 from modelfleet.sim import content
 
 FAST = 1e6  # zero delay: the cache still counts, nothing sleeps
+CACHE = 100_000  # tokens: a cache no test here fills unless it means to
 WORDS = "amber basket candle desert echo fabric garden harbor island jacket kettle ladder".split()
 
 
@@ -73,7 +74,7 @@ def expected_hits(cached: str, prompt: str) -> int:
 
 
 def test_shared_prefix_hits_counted_in_tokens_block_by_block(start_sim):
-    sim = start_sim(speed=FAST)
+    sim = start_sim(speed=FAST, kv_cache_tokens=CACHE)
     system = {"role": "system", "content": text_of("policy", 1000)}  # 1000 chars: not whole blocks
     first = [system, {"role": "user", "content": "What is the first question?"}]
     second = [system, {"role": "user", "content": "And a second one, please."}]
@@ -96,7 +97,7 @@ def test_shared_prefix_hits_counted_in_tokens_block_by_block(start_sim):
 
 def test_next_turn_hits_the_cached_reply(start_sim):
     """A finished reply's blocks stay cached, so a conversation's next turn hits through it."""
-    sim = start_sim(speed=FAST)
+    sim = start_sim(speed=FAST, kv_cache_tokens=CACHE)
     turn = user(text_of("question", 300))
     reply = chat(sim, turn, max_tokens=40)["choices"][0]["message"]["content"]
     assistant = {"role": "assistant", "content": reply}
@@ -108,16 +109,18 @@ def test_next_turn_hits_the_cached_reply(start_sim):
 
 
 def test_no_prefix_caching_never_hits(start_sim):
-    sim = start_sim(speed=FAST, no_prefix_caching=True)
-    prompt = user(text_of("again", 800))
-    for _ in range(3):
-        chat(sim, prompt)
-    assert counters(sim) == (0, 0)  # vLLM counts no queries with caching off either
-    assert 'enable_prefix_caching="False"' in sim.metrics()
+    """Off with the flag, and off without a cache size: sims behave as before unless asked."""
+    for sim in (start_sim(speed=FAST, kv_cache_tokens=CACHE, no_prefix_caching=True),
+                start_sim(speed=FAST)):
+        prompt = user(text_of("again", 800))
+        for _ in range(3):
+            chat(sim, prompt)
+        assert counters(sim) == (0, 0)  # vLLM counts no queries with caching off either
+        assert 'enable_prefix_caching="False"' in sim.metrics()
 
 
 def test_completions_prompts_are_cached_as_sent(start_sim):
-    sim = start_sim(speed=FAST)
+    sim = start_sim(speed=FAST, kv_cache_tokens=CACHE)
     prompt = text_of("complete", 500)
     for _ in range(2):
         status, body = http_json(f"{sim.url}/v1/completions",
@@ -255,19 +258,19 @@ def _ttft(sim, messages: list[dict]) -> float:
 
 
 def test_cached_prompt_answers_sooner_than_an_uncached_one(start_sim):
-    sim = start_sim(speed=2)  # 3,000 uncached tokens: (0.02 + 0.6 s) / 2
-    warm, cold = user(text_of("warm", 12_000)), user(text_of("cold", 12_000))
+    sim = start_sim(speed=2, kv_cache_tokens=CACHE)
+    warm, cold = user(text_of("warm", 16_000)), user(text_of("cold", 16_000))  # ~2,300 words
     assert estimate_tokens(render_messages(warm)) == estimate_tokens(render_messages(cold))
     chat(sim, warm)
     cached = _ttft(sim, warm)
     uncached = _ttft(sim, cold)
     assert cached < 0.7 * uncached, (cached, uncached)
-    assert uncached > 0.2  # the prefill of 3,000 tokens did take its time
+    assert uncached > 0.15  # the prefill of ~2,300 tokens did take its time: (0.02 + 0.46 s) / 2
 
 
 async def _decode_gaps_around_a_heavy_prefill(sim) -> tuple[list[float], float]:
     """Stream a long reply; once it flows, send a heavy uncached prompt; the gaps between chunks."""
-    heavy = user(text_of("heavy", 12_000))
+    heavy = user(text_of("heavy", 20_000))  # ~2,900 words: the sim's tokens
     stream_prompt = long_reply_prompt("stream", 80)
     arrivals: list[float] = []
     async with aiohttp.ClientSession() as session:
@@ -291,10 +294,10 @@ async def _decode_gaps_around_a_heavy_prefill(sim) -> tuple[list[float], float]:
 
 
 async def test_heavy_prefill_slows_everyones_decode_steps_chunked_less(start_sim):
-    whole = start_sim(speed=2)  # one step of 3,000 prompt tokens: 0.62 s / 2
+    whole = start_sim(speed=2, max_num_batched_tokens=8192)  # one step: (0.02 + 0.58 s) / 2
     gaps, median = await _decode_gaps_around_a_heavy_prefill(whole)
     assert max(gaps) > 5 * median, (max(gaps), median)
-    chunked = start_sim(speed=2, max_num_batched_tokens=128)  # 24 steps of <= 127 prompt tokens
+    chunked = start_sim(speed=2, max_num_batched_tokens=64)  # steps of 63 prompt tokens: 16 ms
     chunked_gaps, _ = await _decode_gaps_around_a_heavy_prefill(chunked)
     assert max(chunked_gaps) < max(gaps) / 3, (max(chunked_gaps), max(gaps))
 

@@ -35,18 +35,17 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("--max-model-len", type=int, default=4096,
                    help="context length: longer prompts get a 400 (default 4096)")
     p.add_argument("--kv-cache-tokens", type=int, default=SimSpec.kv_cache_tokens,
-                   help="KV cache size in tokens, shared by running requests and cached prompt "
-                        "prefixes (LRU); requests wait when running ones fill it (default: "
-                        "max-batch x max-model-len: room for a full batch of the longest requests)")
+                   help="a KV cache of this many tokens, shared by running requests and cached "
+                        "prompt prefixes (LRU), with prefix caching: a cached prefix skips its "
+                        "prefill; requests wait while running ones fill it (default: none, no "
+                        "prefix caching, usage against max-batch x max-model-len)")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
-                   help="turn prefix caching off (on by default, as in vLLM): every prompt token "
-                        "is computed again")
-    # The default is the engine's MAX_NUM_BATCHED_TOKENS, filled in by run(): importing the
-    # engine here would slow every other command's start.
+                   help="with --kv-cache-tokens, cache no prefixes (on by default, as in vLLM)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="tokens one engine step computes: prompt chunks, and one per decoding "
-                        "request (chunked prefill; default 8192, so a lone prompt up to that "
-                        "length takes one step)")
+                   help="share prefill: one engine step computes at most this many tokens (prompt "
+                        "chunks, and one per decoding request), and each prompt token lengthens "
+                        "the step for everyone, as on a GPU (vLLM's default is 8192; default "
+                        "here: unset, each prefill runs on its own)")
     p.add_argument("--seed", type=int, default=SimSpec.seed, help="seed of the generated text and faults")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $SIM_API_KEY)")
@@ -77,14 +76,13 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     import asyncio
 
-    from modelfleet.sim.engine import MAX_NUM_BATCHED_TOKENS
     from modelfleet.sim.server import SimSettings, serve
 
     settings = SimSettings(
         model=args.model, kind=args.kind, speed=args.speed, batch_slowdown=args.batch_slowdown,
         dim=args.dim, max_batch=args.max_batch, seed=args.seed, max_model_len=args.max_model_len,
         kv_cache_tokens=args.kv_cache_tokens, prefix_caching=args.prefix_caching,
-        max_num_batched_tokens=args.max_num_batched_tokens or MAX_NUM_BATCHED_TOKENS,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         api_key=args.api_key or os.environ.get("SIM_API_KEY") or None,
     )
     try:

@@ -112,8 +112,7 @@ class SimSpec:
     seed: int = setting(0, kind="integer", help="seed of the generated text and timings")
     kv_cache_tokens: int | None = setting(
         None, kind="integer", minimum=16, show="if_set",
-        help="KV cache size in tokens, shared by running requests and cached prefixes; "
-             "default max_batch x max model len, room for a full batch of the longest requests")
+        help="KV cache size in tokens, with prefix caching; default none (no prefix caching)")
 
 
 @dataclass(frozen=True)

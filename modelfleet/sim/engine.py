@@ -11,23 +11,28 @@ time below is divided by `--speed` and multiplied by the fault `slowdown`):
   `num_requests_running` / `num_requests_waiting`). A request holds its slot
   from prefill to its last token.
 - Steps: one engine loop runs steps back to back while any request is
-  prefilling or decoding. A step computes one token of every decoding request
-  and up to `max_num_batched_tokens` prompt tokens (minus one per decoding
-  request) of the prefilling ones, oldest first: chunked prefill. It lasts
-  `DECODE_STEP_S x (1 + batch_slowdown x (running - 1))
-   + PREFILL_PER_TOKEN_S x prompt tokens computed in it`
-  (0.02 s, 2 % slower per extra running request by default, plus 0.2 ms per
-  prompt token), with `running` read again at every step, so a request speeds
-  up as others finish (continuous batching), and a heavy prefill slows every
-  request's next token, as on a GPU.
-- Chat and completions: a request's prefill computes only its prompt tokens
-  the cache does not already hold (prefix caching); its first token comes at
-  the end of the step that computes its last prompt token, and each further
-  token takes one more step. So with nothing else running a reply of n tokens
-  takes `0.02 s + 0.2 ms x uncached prompt tokens + (n - 1) x 0.02 s` (one step
-  for the whole prompt while it is at most `max_num_batched_tokens`). Prompt
-  tokens here are the client's estimate (`kvcache`), not the word count of
-  `usage`.
+  decoding (or, shared, prefilling), each `DECODE_STEP_S x (1 + batch_slowdown x (running - 1))`
+  (0.02 s, 2 % slower per extra running request by default), with `running`
+  read again at every step, so a request speeds up as others finish:
+  continuous batching. A step gives one token to every decoding request.
+- Prefill, by default: on its own, beside the steps, `PREFILL_BASE_S +
+  PREFILL_PER_TOKEN_S x tokens` (0.02 s + 0.2 ms per prompt token it computes),
+  as if prompts cost the GPU nothing that others notice. The first token
+  comes at its end; each further token takes one step. So with nothing else
+  running a reply of n tokens takes `0.02 s + 0.2 ms x tokens + (n - 1) x
+  0.02 s`.
+- Prefill, shared (`max_num_batched_tokens` set, vLLM's chunked prefill): the
+  prompts are computed in the steps. A step also computes up to
+  `max_num_batched_tokens` (less one per decoding request) prompt tokens of
+  the prefilling requests, oldest first, and lasts `PREFILL_PER_TOKEN_S` longer
+  for each, so a heavy prefill delays every request's next token, as on a GPU.
+  A request's first token comes at the end of the step that computes its last
+  prompt token. Alone, a prompt that fits one step takes exactly the unshared
+  time above (`PREFILL_BASE_S` is one step).
+- The tokens a prefill computes are the prompt's (the sim's count, as in
+  `usage`) less the share that the KV cache already holds (`kvcache`, prefix
+  caching, counted in the client's token estimate): a cache hit is a shorter
+  prefill.
 - Embeddings: one pass per request outside the steps, `EMBED_BASE_S +
   EMBED_PER_TOKEN_S x input_tokens` (5 ms + 0.05 ms per token of all its
   inputs), times the batch factor taken when it starts.
@@ -57,7 +62,6 @@ PREFILL_BASE_S = DECODE_STEP_S  # a lone prefill is one step
 EMBED_BASE_S = 0.005
 EMBED_PER_TOKEN_S = 0.00005
 ZERO_DELAY_SPEED = 1e6
-MAX_NUM_BATCHED_TOKENS = 8192  # vLLM's default for its OpenAI server on a large GPU
 _CATCH_UP_STEPS = 10_000  # steps run without yielding before the loop lets others in
 
 
@@ -105,13 +109,14 @@ class Engine:
     """The batch, the queue, the KV cache and the clock of one simulated server."""
 
     def __init__(self, *, speed: float, batch_slowdown: float, max_batch: int, faults: Faults,
-                 kv_cache: KVCache, max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS) -> None:
+                 kv_cache: KVCache, max_num_batched_tokens: int | None = None) -> None:
         self.speed = speed
         self.batch_slowdown = batch_slowdown
         self.max_batch = max_batch
         self.faults = faults
         self.kv = kv_cache
-        self.max_num_batched_tokens = max(1, max_num_batched_tokens)
+        # None: each prefill runs on its own beside the steps, as if prompts cost the GPU nothing
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.zero_delay = speed >= ZERO_DELAY_SPEED
         self.running = 0
         self._queue: deque[_Ticket] = deque()
@@ -201,7 +206,10 @@ class Engine:
             await asyncio.sleep(self.seconds(simulated))
 
     async def prefill(self, tokens: int) -> None:
-        """Compute `tokens` prompt tokens in the engine's steps; return with the first token."""
+        """Compute `tokens` prompt tokens; return with the first token."""
+        if self.max_num_batched_tokens is None:
+            await self.sleep(PREFILL_BASE_S + PREFILL_PER_TOKEN_S * tokens)
+            return
         if self.zero_delay:
             return
         state = _Prefill(max(1, tokens), asyncio.get_running_loop().create_future())
@@ -254,7 +262,7 @@ class Engine:
 
     def _plan(self) -> tuple[list[tuple[_Prefill, int]], float]:
         """The prompt chunks of the next step and its simulated length."""
-        budget = max(1, self.max_num_batched_tokens - len(self._decoding))
+        budget = max(1, (self.max_num_batched_tokens or 0) - len(self._decoding))
         chunks: list[tuple[_Prefill, int]] = []
         tokens = 0
         for state in self._prefilling:

@@ -30,7 +30,7 @@ from aiohttp import web
 from modelfleet.config import SimSpec
 from modelfleet.routing.blocks import BLOCK_TOKENS, render_messages
 from modelfleet.sim import content, wire
-from modelfleet.sim.engine import MAX_NUM_BATCHED_TOKENS, Engine
+from modelfleet.sim.engine import Engine
 from modelfleet.sim.faults import FaultError, Faults, HangReleased
 from modelfleet.sim.kvcache import KVCache, SequenceShape
 from modelfleet.sim.metrics import CacheConfig, SimMetrics
@@ -57,15 +57,21 @@ class SimSettings:
     max_batch: int = SimSpec.max_batch
     seed: int = SimSpec.seed
     max_model_len: int = 4096
-    # None: room for max_batch requests of max_model_len tokens, so the cache never makes one wait.
+    # None: no prefix cache, and room for max_batch requests of max_model_len tokens (usage only).
     kv_cache_tokens: int | None = SimSpec.kv_cache_tokens
-    prefix_caching: bool = True
-    max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS
+    prefix_caching: bool = True  # with a kv_cache_tokens only
+    # None: each prefill runs on its own, beside the steps (engine.py)
+    max_num_batched_tokens: int | None = None
     api_key: str | None = field(default=None, repr=False)
 
     @property
     def cache_tokens(self) -> int:
         return self.kv_cache_tokens or self.max_batch * self.max_model_len
+
+    @property
+    def caching(self) -> bool:
+        """Prefix caching is on where a cache size is given, unless turned off."""
+        return self.kv_cache_tokens is not None and self.prefix_caching
 
 
 class SimServer:
@@ -74,13 +80,13 @@ class SimServer:
     def __init__(self, settings: SimSettings) -> None:
         self.settings = settings
         self.faults = Faults(settings.seed)
-        self.kv = KVCache(settings.cache_tokens, prefix_caching=settings.prefix_caching)
+        self.kv = KVCache(settings.cache_tokens, prefix_caching=settings.caching)
         self.engine = Engine(speed=settings.speed, batch_slowdown=settings.batch_slowdown,
                              max_batch=settings.max_batch, faults=self.faults, kv_cache=self.kv,
                              max_num_batched_tokens=settings.max_num_batched_tokens)
         self.metrics = SimMetrics(settings.model, CacheConfig(
             block_size=BLOCK_TOKENS, num_blocks=self.kv.num_blocks,
-            prefix_caching=settings.prefix_caching))
+            prefix_caching=settings.caching))
         self.created = int(time.time())
         self.hung = 0
 
@@ -196,7 +202,7 @@ class SimServer:
             "zero_delay": engine.zero_delay, "kv_cache_usage": engine.kv_cache_usage,
             "kv_cache_tokens": self.kv.size_tokens, "block_size": BLOCK_TOKENS,
             "kv_cache_blocks": self.kv.num_blocks, "used_blocks": self.kv.used_blocks,
-            "cached_blocks": self.kv.cached_blocks, "prefix_caching": s.prefix_caching,
+            "cached_blocks": self.kv.cached_blocks, "prefix_caching": s.caching,
             "prefix_cache_queries": self.metrics.prefix_queries,
             "prefix_cache_hits": self.metrics.prefix_hits,
             "max_num_batched_tokens": s.max_num_batched_tokens,
@@ -258,7 +264,7 @@ class SimServer:
             response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
             await response.prepare(request)
         out = _ReplyWriter(response, rid, created, model, chat)
-        hashed = self.settings.prefix_caching
+        hashed = self.settings.caching
         shapes = [SequenceShape.of(text, _reply_text(pieces, chat), hashed=hashed)
                   for text, (pieces, _) in zip(cache_texts, replies, strict=True)]
         runs = [self._run_one(i, tokens, shape, pieces, finish, out)
@@ -303,9 +309,9 @@ class SimServer:
         sent = 0
         async with engine.admit(shape) as blocks:
             started = time.monotonic()
-            if self.settings.prefix_caching:
+            if self.settings.caching:
                 self.metrics.prefix_cache(queried=shape.prompt_tokens, hit=blocks.hit_tokens)
-            await engine.prefill(blocks.uncached_tokens)
+            await engine.prefill(_uncached(prompt_tokens, shape.prompt_tokens, blocks.hit_tokens))
             ttft = time.monotonic() - arrived
             await out.begin(index)
             streaming = out.streaming
@@ -363,6 +369,14 @@ class SimServer:
                               queued_s=started - arrived, ttft_s=done - arrived,
                               e2e_s=done - arrived)
         return _json(200, wire.embeddings_body(s.model, vectors, total))
+
+
+def _uncached(prompt_tokens: int, estimated: int, hit: int) -> int:
+    """The prompt tokens a prefill computes: the cache counts the client's estimate of the
+    rendered prompt, the clock the sim's own count (usage), so the hit is taken as a share."""
+    if hit <= 0 or estimated <= 0:
+        return prompt_tokens
+    return -(-prompt_tokens * (estimated - hit) // estimated)
 
 
 def _reply_text(pieces: list[str], chat: bool) -> str:
@@ -471,8 +485,9 @@ def banner(settings: SimSettings, host: str, port: int, worker: int | None) -> s
         f"serving '{s.model}' on http://{host}:{port}",
         f"  speed x{s.speed:g}, batch slowdown {s.batch_slowdown:g}/request, max batch "
         f"{s.max_batch}, max model len {s.max_model_len}, seed {s.seed}, KV cache "
-        f"{s.cache_tokens} tokens, prefix caching {'on' if s.prefix_caching else 'off'}, "
-        f"max batched tokens {s.max_num_batched_tokens}"
+        f"{s.cache_tokens} tokens, prefix caching {'on' if s.caching else 'off'}, prefill "
+        + (f"shared ({s.max_num_batched_tokens} tokens a step)" if s.max_num_batched_tokens
+           else "unshared")
         + (f", dim {s.dim}" if s.kind == "embedding" else "")
         + (", api key required" if s.api_key else ""),
     ]
