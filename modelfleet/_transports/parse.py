@@ -10,13 +10,14 @@ import array
 import base64
 import email.utils
 import json
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from modelfleet._exceptions import EngineFailure
-from modelfleet._transports.models import QueueSample
+from modelfleet._transports.models import CacheSample, QueueSample
 from modelfleet.errors import RequestRejected
 from modelfleet.routing import Failure
 
@@ -27,6 +28,16 @@ _MISCONFIGURED = frozenset({401, 403, 404})
 # Queue gauges of the engines we know (summed across label sets: engines, models).
 _RUNNING_METRICS = frozenset({"vllm:num_requests_running", "sglang:num_running_reqs"})
 _WAITING_METRICS = frozenset({"vllm:num_requests_waiting", "sglang:num_queue_reqs"})
+# Prefix / KV cache figures -> CacheSample field (older vLLM names beside the new ones).
+_CACHE_METRICS = {
+    "vllm:prefix_cache_hits_total": "hits", "vllm:gpu_prefix_cache_hits_total": "hits",
+    "vllm:prefix_cache_queries_total": "queries", "vllm:gpu_prefix_cache_queries_total": "queries",
+    "vllm:kv_cache_usage_perc": "usage", "vllm:gpu_cache_usage_perc": "usage",
+    "sglang:token_usage": "usage", "sglang:max_total_num_tokens": "capacity_tokens",
+    "sglang:cache_hit_rate": "hit_rate",
+}
+_CACHE_CONFIG = "vllm:cache_config_info"
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 _ERROR_TEXT_LIMIT = 500  # characters of a non-JSON error body kept in a message
 
@@ -89,9 +100,11 @@ def classify_status(status: int, message: str, server: str,
 
 
 def parse_queue(metrics_text: str) -> QueueSample | None:
-    """Running and waiting requests from Prometheus text; None if the engine reports neither."""
+    """Running and waiting requests from Prometheus text, with what it says of its prefix
+    cache (CacheSample); None if the engine reports neither running nor waiting."""
     running = waiting = 0.0
     seen = False
+    cache: dict[str, list[float]] = {}
     for line in metrics_text.splitlines():
         if not line or line[0] == "#":
             continue
@@ -102,7 +115,40 @@ def parse_queue(metrics_text: str) -> QueueSample | None:
         elif name in _WAITING_METRICS:
             waiting += value
             seen = True
-    return QueueSample(running=running, waiting=waiting) if seen else None
+        elif name in _CACHE_METRICS:
+            cache.setdefault(_CACHE_METRICS[name], []).append(value)
+        elif name == _CACHE_CONFIG:
+            size = _cache_size(line)
+            if size is not None:
+                cache.setdefault("capacity_tokens", []).append(size)
+    if not seen:
+        return None
+    return QueueSample(running=running, waiting=waiting, cache=_cache_sample(cache))
+
+
+def _cache_sample(found: dict[str, list[float]]) -> CacheSample | None:
+    """Counters and sizes add up across engines (data-parallel ranks); fractions average."""
+    if not found:
+        return None
+    figures = {field: (sum(values) / len(values) if field in ("usage", "hit_rate") else sum(values))
+               for field, values in found.items()}
+    return CacheSample(**figures)
+
+
+def _cache_size(line: str) -> float | None:
+    """The KV cache's size in tokens from a `vllm:cache_config_info` line (0 when prefix
+    caching is off: nothing stays cached for another request)."""
+    labels = dict(_LABEL.findall(line))
+    if labels.get("enable_prefix_caching") == "False":
+        return 0.0
+    try:
+        return float(labels["kv_cache_size_tokens"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return float(labels["num_gpu_blocks"]) * float(labels["block_size"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _metric_sample(line: str) -> tuple[str, float]:
