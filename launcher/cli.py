@@ -108,6 +108,9 @@ def execute(args: argparse.Namespace) -> int:
     except FleetError as exc:
         print(f"serve: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `serve --dry-run | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 class Planner:

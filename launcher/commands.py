@@ -179,6 +179,7 @@ def _engine_flags(local: LocalServer, share: MemoryShare) -> list[tuple[str, lis
             ("dim", [str(sim.dim)]),
             ("max-batch", [str(sim.max_batch)]),
             ("seed", [str(sim.seed)]),
+            *([("kv-cache-tokens", [str(sim.kv_cache_tokens)])] if sim.kv_cache_tokens else []),
         ]
         return flags
     flags.append(("served-model-name", [model.wire_name]))

@@ -2,12 +2,13 @@
 
 The client runs these in the background (never on a request's path) to keep each
 endpoint's latency, health and queue fresh, and `modelfleet report` runs them once
-to print the fleet. A probe never raises for a server's trouble: the trouble is
-the result.
+to print the fleet. A probe never raises for a server's trouble, whatever the server
+sent: the trouble is the result (so the background loop and its tasks outlive any answer).
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ from modelfleet._transports.models import QueueSample
 from modelfleet.config import BenchmarkSpec, ModelSpec, ServerSpec
 from modelfleet.errors import RequestRejected
 from modelfleet.routing import Endpoint, Failure, Pool, Work
+
+log = logging.getLogger("modelfleet.probe")
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,11 @@ async def _benchmark(transport: AsyncBaseTransport, model: ModelSpec, server: Se
                 "retry_after_s": exc.retry_after_s}
     except RequestRejected as exc:  # the benchmark itself is wrong for this model, not the server
         return {**base, "ok": False, "reason": f"rejected the benchmark request: {exc.message}"}
+    except Exception as exc:  # an answer the transport did not foresee: still the server's
+        why = f"{type(exc).__name__}: {exc}"
+        log.warning("probe of %s for %s: unexpected answer (%s)", server.address, model.name, why)
+        return {**base, "ok": False, "reason": f"unexpected answer ({why})",
+                "failure": Failure.SERVER_ERROR}
 
 
 async def _scrape(transport: AsyncBaseTransport, model: ModelSpec, server: ServerSpec, *,
@@ -90,6 +98,9 @@ async def _scrape(transport: AsyncBaseTransport, model: ModelSpec, server: Serve
     try:
         return await transport.queue(server, timeout_s=timeout_s, api_key=model.api_key)
     except EngineFailure:
+        return None
+    except Exception as exc:  # garbage for /metrics: its queue is unknown, nothing more
+        log.debug("/metrics of %s unreadable: %s: %s", server.address, type(exc).__name__, exc)
         return None
 
 

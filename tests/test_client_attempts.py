@@ -10,6 +10,7 @@ test_client_api.py and test_client_failures.py.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 import aiohttp
@@ -58,6 +59,7 @@ class Fleet:
                  **routing: object) -> None:
         self.behaviours = behaviours
         self.calls: list[str] = []
+        self.probes: dict[str, Behaviour] = {}  # how a server answers the benchmark (default: ok)
         self.transport = MockTransport(self.handle)
         benchmark = BenchmarkSpec()
         self._probe_messages = [dict(m) for m in benchmark.messages]
@@ -74,7 +76,8 @@ class Fleet:
         if request.method == "GET":
             return MockResponse(status=404, text="no such page")
         if body.get("messages") == self._probe_messages or body.get("input") == self._probe_input:
-            return ok(request, 0)  # the client's background benchmark: not a caller's request
+            # the client's background benchmark: not a caller's request
+            return self.probes.get(request.server, ok)(request, 0)
         before = self.calls.count(request.server)
         self.calls.append(request.server)
         return self.behaviours[request.server](request, before)
@@ -249,6 +252,140 @@ def test_the_sync_client_runs_the_same_loop_over_the_same_transport() -> None:
         assert client.chat("m", USER, max_tokens=8).server == B
         assert "".join(client.chat_stream("m", USER)) == ANSWER
     assert fleet.calls == [A, B, B]
+
+
+# --------------------------------------------------------------------------- bad answers
+# (the same against real sockets, one hostile server per misbehaviour: test_hostile_servers.py)
+
+
+def answering(body: object) -> Behaviour:
+    return lambda request, n: MockResponse(json=body)
+
+
+def streaming(*events: object) -> Behaviour:
+    return lambda request, n: MockResponse(chunks=[
+        b"data: " + json.dumps(event).encode() + b"\n\n" for event in events])
+
+
+def choice(**fields: object) -> dict[str, object]:
+    return {"choices": [{"index": 0, "finish_reason": "stop", **fields}], "model": "m"}
+
+
+MALFORMED = {
+    "not an object": [1, 2, 3],
+    "no choices": {"model": "m", "usage": {"completion_tokens": 3}},
+    "empty choices": {"choices": [], "model": "m"},
+    "choices a string": {"choices": "hello", "model": "m"},
+    "a choice of null": {"choices": [None], "model": "m"},
+    "content a number": choice(message={"role": "assistant", "content": 42}),
+    "usage a string": {**choice(message={"content": ANSWER}), "usage": "lots"},
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED.values(), ids=list(MALFORMED))
+async def test_a_malformed_answer_is_that_servers_error_never_the_callers(body: object) -> None:
+    fleet = Fleet({A: answering(body), B: ok})
+    async with fleet.client() as client:
+        result = await client.chat("m", USER, max_tokens=8)
+        assert (result.text, result.server) == (ANSWER, B) and fleet.calls == [A, B]
+        servers = {s.address: s for s in (await client.status())["m"].servers}
+        assert (servers[A].failures, servers[B].failures) == (1, 0)  # counted like a 5xx
+        await nothing_left_open(client, fleet)
+    fleet = Fleet({A: answering(body)}, max_retry=1)
+    async with fleet.client() as client:
+        with pytest.raises(NoServerAvailable) as caught:
+            await client.chat("m", USER, max_tokens=8)
+        assert caught.value.reasons[A].startswith("malformed answer: ")
+        await nothing_left_open(client, fleet)
+
+
+@pytest.mark.parametrize("whole", [True, False], ids=["whole", "streamed"])
+async def test_an_error_object_under_200_moves_on_whatever_code_it_names(whole: bool) -> None:
+    error = {"error": {"message": "CUDA out of memory", "type": "BadRequestError", "code": 400}}
+    bad = answering(error) if whole else streaming(error)
+    params = {"max_tokens": 8} if whole else {}
+    fleet = Fleet({A: bad, B: ok})
+    async with fleet.client() as client:  # not RequestRejected: the request was accepted
+        assert (await client.chat("m", USER, **params)).server == B
+        assert fleet.calls == [A, B]
+        await nothing_left_open(client, fleet)
+    fleet = Fleet({A: bad}, max_retry=1)
+    async with fleet.client() as client:
+        with pytest.raises(NoServerAvailable, match="CUDA out of memory"):
+            await client.chat("m", USER, **params)
+
+
+@pytest.mark.parametrize("chunks", [[b"data: [1, 2]\n\n", b"data: [DONE]\n\n"],
+                                    [b"data: [DONE]\n\n"], [b": comment only\n\n"]],
+                         ids=["events-not-objects", "bare-done", "no-event"])
+async def test_a_stream_with_no_answer_in_it_is_no_answer(chunks: list[bytes]) -> None:
+    fleet = Fleet({A: lambda request, n: MockResponse(chunks=chunks), B: ok})
+    async with fleet.client() as client:
+        stream = client.chat_stream("m", USER)
+        assert "".join([piece async for piece in stream]) == ANSWER
+        assert stream.server == B and fleet.calls == [A, B]
+        await nothing_left_open(client, fleet)
+
+
+async def test_a_bad_chunk_after_the_first_token_interrupts_the_stream() -> None:
+    token = {"choices": [{"index": 0, "delta": {"content": "General"}, "finish_reason": None}]}
+    bad = {"choices": [{"index": 0, "delta": {"content": 42}, "finish_reason": None}]}
+    fleet = Fleet({A: streaming(token, bad), B: ok})
+    async with fleet.client() as client:
+        stream = client.chat_stream("m", USER)
+        with pytest.raises(StreamInterrupted, match="the text is a number") as caught:
+            async for _ in stream:
+                pass
+        assert (caught.value.server, caught.value.text_so_far) == (A, "General")
+        await nothing_left_open(client, fleet)
+
+
+async def test_a_redirect_is_not_followed_and_is_that_servers_failure() -> None:
+    def redirect(request: MockRequest, n: int) -> MockResponse:
+        return MockResponse(status=307, text="", headers={"Location": "http://x:1/v1/chat"})
+
+    fleet = Fleet({A: redirect, B: ok})
+    async with fleet.client() as client:
+        assert (await client.chat("m", USER, max_tokens=8)).server == B
+        down = next(s for s in (await client.status())["m"].servers if s.address == A)
+        assert down.health.value == "down" and "redirect" in (down.reason or "")
+
+
+@pytest.mark.parametrize(("vectors", "words"), [
+    ([[1.0, 2.0]] * 2, "2 embeddings for 3 inputs"),
+    ([[1.0, 2.0], [1.0], [1.0, 2.0]], "unequal"),
+    (["%% not base64 %%"] * 3, "does not decode"),
+])
+async def test_embeddings_not_one_vector_per_input_move_on(vectors: list[object],
+                                                           words: str) -> None:
+    def bad(request: MockRequest, n: int) -> MockResponse:
+        return MockResponse(json={"data": [{"index": i, "embedding": v}
+                                           for i, v in enumerate(vectors)]})
+
+    fleet = Fleet({A: bad, B: ok}, kind="embedding")
+    async with fleet.client() as client:
+        result = await client.embed_result("m", ["one", "two", "three"])
+        assert result.servers == (B,) and len(result.vectors) == 3 and fleet.calls == [A, B]
+    fleet = Fleet({A: bad}, kind="embedding", max_retry=1)
+    async with fleet.client() as client:
+        with pytest.raises(NoServerAvailable, match=words):
+            await client.embed("m", ["one", "two", "three"])
+
+
+async def test_a_probe_survives_an_answer_nobody_foresaw(
+        caplog: pytest.LogCaptureFixture) -> None:
+    def unforeseen(request: MockRequest, n: int) -> MockResponse:
+        raise RuntimeError("the transport itself tripped")  # not a network error: unmapped
+
+    fleet = Fleet({A: ok, B: ok})
+    fleet.probes[A] = unforeseen
+    async with fleet.client() as client:
+        latency = await client.get_all_latency()  # probes the caller waits for: no raise
+        assert latency["m"][B] is not None
+        servers = {s.address: s for s in (await client.status())["m"].servers}
+        assert servers[A].failures >= 1 and servers[B].failures == 0
+    said = [r for r in caplog.records if "the transport itself tripped" in r.getMessage()]
+    assert said and all(r.exc_info is None and r.levelname == "WARNING" for r in said)
 
 
 # --------------------------------------------------------------------------- the pieces

@@ -316,3 +316,21 @@ def test_sglang_key_shim_hands_the_key_to_the_engine_without_showing_it_in_ps():
     finally:
         proc.kill()
         proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("argv", [
+    [sys.executable, "serve_pipeline.py", "--dry-run"],
+    [sys.executable, "-m", "modelfleet", "config", "show"],
+])
+def test_a_reader_that_leaves_early_gets_no_traceback(argv: list[str]) -> None:
+    """`... | head -1`: the command ends quietly when its reader goes away (here: before
+    the first line, so the very first write meets a closed pipe)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(argv, cwd=ROOT, stdout=write_end, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 141

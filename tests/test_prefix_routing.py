@@ -290,3 +290,11 @@ def test_a_clearly_faster_server_still_takes_nearly_all() -> None:
     serve(slow, ttft=0.3, per_token=0.06, times=5)  # 3x slower
     picks = collections.Counter(pool.choose(Work("chat", 100, 100)).address for _ in range(2000))
     assert picks[slow.address] < 20
+
+
+def test_a_broken_exporters_nan_and_inf_are_ignored() -> None:
+    index = PrefixIndex()
+    index.observe_metrics("a:1", capacity_tokens=10_000, usage=0.5, hits=0, queries=0)
+    index.observe_metrics("a:1", capacity_tokens=float("inf"), usage=float("nan"),
+                          hits=float("nan"), queries=float("inf"))
+    assert index.retention_tokens("a:1") == pytest.approx(5_000)

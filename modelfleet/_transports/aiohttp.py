@@ -2,7 +2,8 @@
 
 One pooled session for every server a client talks to. Requests to one server wait
 for one of its connection slots *before* their clock starts, so time spent waiting
-for a connection is never counted as the server's latency.
+for a connection is never counted as the server's latency. Redirects are never
+followed: a redirect is that server's failure, and the API key goes to no other host.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class AiohttpTransport(AsyncBaseTransport):
         try:
             response = await self.session.post(
                 server.url + path, json=body, headers=self._headers(api_key),
-                timeout=self._timeout(stall_s, timeout_s))
+                timeout=self._timeout(stall_s, timeout_s), allow_redirects=False)
         except TRANSPORT_ERRORS as exc:
             slot.release()
             raise engine_failure(exc, stall_s=stall_s, whole_s=whole_s) from None
@@ -100,5 +101,7 @@ class AiohttpTransport(AsyncBaseTransport):
         with map_exceptions():
             async with self.session.get(
                     server.url + path, headers=self._headers(api_key),
-                    timeout=aiohttp.ClientTimeout(total=timeout_s)) as response:
-                return response.status, await response.text(errors="replace")
+                    timeout=aiohttp.ClientTimeout(total=timeout_s),
+                    allow_redirects=False) as response:
+                # UTF-8 whatever charset it names: an unknown one must not raise.
+                return response.status, (await response.read()).decode("utf-8", "replace")

@@ -109,7 +109,7 @@ class AsyncBaseTransport:
                                                       api_key=api_key, stall_s=stall_s,
                                                       timeout_s=timeout_s)
         return await read_embeddings(response, sent_at, stall_s=stall_s, on_end=release,
-                                     as_numpy=as_numpy)
+                                     as_numpy=as_numpy, expected=_input_count(payload))
 
     async def health(self, server: ServerSpec, *, timeout_s: float = 5.0,
                      api_key: str | None = None) -> bool:
@@ -139,5 +139,15 @@ class AsyncBaseTransport:
             raise status_failure(status, text, server.address)
         try:
             return parse_models(json.loads(text))
-        except (ValueError, AttributeError, TypeError) as exc:
+        except Exception as exc:  # not JSON, or not the shape of a model list
             raise EngineFailure(Failure.SERVER_ERROR, f"malformed /v1/models: {exc}") from None
+
+
+def _input_count(body: Mapping[str, Any]) -> int | None:
+    """How many vectors an embeddings request asks for (one per string or token list)."""
+    inputs = body.get("input")
+    if isinstance(inputs, str):
+        return 1
+    if isinstance(inputs, list):
+        return 1 if inputs and isinstance(inputs[0], int) else len(inputs)
+    return None

@@ -2,6 +2,11 @@
 
 No I/O: every transport reads its bytes its own way and hands them here, so a reply
 is understood the same way whoever carried it. Tested on captured vLLM bodies.
+
+A body that is not what the API promises (a field missing or of the wrong type, an
+error object under a 200) raises `EngineFailure`: a server that answers badly has failed,
+as one that answers 5xx has, and the client moves on. The checks are `isinstance` tests on
+the values each function reads anyway; nothing is parsed twice.
 """
 
 from __future__ import annotations
@@ -41,7 +46,19 @@ _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 _ERROR_TEXT_LIMIT = 500  # characters of a non-JSON error body kept in a message
 
+_JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean",
+               list: "a list", dict: "an object", type(None): "null"}
 
+
+def json_kind(value: object) -> str:
+    """What a decoded JSON value is, in the words of JSON (for a malformed answer's reason)."""
+    return _JSON_KINDS.get(type(value), type(value).__name__)
+
+
+def malformed(what: str) -> EngineFailure:
+    """The failure of a server whose 2xx answer is not what the API promises: a server
+    error, counted against its health like a 5xx, and retried on another server."""
+    return EngineFailure(Failure.SERVER_ERROR, f"malformed answer: {what}")
 
 
 def error_message(body: bytes | str) -> str:
@@ -49,20 +66,27 @@ def error_message(body: bytes | str) -> str:
     text = body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
     try:
         payload = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         payload = None
     if isinstance(payload, dict):
-        err = payload.get("error")
-        if isinstance(err, dict) and err.get("message"):
-            return str(err["message"])
-        if isinstance(err, str) and err:
-            return err
-        for key in ("message", "detail"):
-            if payload.get(key):
-                value = payload[key]
-                return value if isinstance(value, str) else json.dumps(value)
+        message = _payload_message(payload)
+        if message:
+            return message
     text = text.strip()
     return text[:_ERROR_TEXT_LIMIT] if text else "(empty body)"
+
+
+def _payload_message(payload: Mapping[str, Any]) -> str | None:
+    err = payload.get("error")
+    if isinstance(err, dict) and err.get("message"):
+        return str(err["message"])
+    if isinstance(err, str) and err:
+        return err
+    for key in ("message", "detail"):
+        if payload.get(key):
+            value = payload[key]
+            return value if isinstance(value, str) else json.dumps(value)
+    return None
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -94,6 +118,10 @@ def classify_status(status: int, message: str, server: str,
                              retry_after_s=retry_after_s, status=status)
     if status in _MISCONFIGURED:
         return EngineFailure(Failure.MISCONFIGURED, f"HTTP {status}: {message}", status=status)
+    if 300 <= status < 400:  # not followed: the answer (and the API key) stay with this server
+        return EngineFailure(Failure.MISCONFIGURED,
+                             f"HTTP {status}: a redirect, not followed (a fleet's server must "
+                             f"answer itself)", status=status)
     if status >= 500:
         return EngineFailure(Failure.SERVER_ERROR, f"HTTP {status}: {message}", status=status)
     return RequestRejected(status, message, server)
@@ -180,29 +208,70 @@ def _metric_sample(line: str) -> tuple[str, float]:
 
 def decode_vector(value: str | Sequence[float]) -> list[float]:
     """One embedding from base64 float32 (little-endian, as OpenAI servers send) or a list."""
-    if not isinstance(value, str):
+    if isinstance(value, str):
+        floats = array.array("f")
+        floats.frombytes(base64.b64decode(value, validate=True))
+        if sys.byteorder != "little":
+            floats.byteswap()
+        return floats.tolist()
+    if isinstance(value, list) and all(type(x) is float or type(x) is int for x in value):
         return [float(x) for x in value]
-    floats = array.array("f")
-    floats.frombytes(base64.b64decode(value))
-    if sys.byteorder != "little":
-        floats.byteswap()
-    return floats.tolist()
+    raise malformed(f"an embedding is {json_kind(value)}, not base64 or a list of numbers")
 
 
-def parse_embeddings(payload: Mapping[str, Any], *, as_numpy: bool = False) -> Any:
-    """The vectors of an embeddings response, ordered by their `index`.
+def _index(item: Any) -> int:
+    if not isinstance(item, dict):
+        raise malformed(f"an item of `data` is {json_kind(item)}, not an object")
+    index = item.get("index", 0)
+    if type(index) is not int:
+        raise malformed(f"an embedding's `index` is {json_kind(index)}, not a number")
+    return index
+
+
+def parse_embeddings(payload: Any, *, as_numpy: bool = False,
+                     expected: int | None = None) -> Any:
+    """The vectors of an embeddings response, ordered by their `index`; `EngineFailure`
+    unless there are `expected` of them (any number, at least one, when None), all of
+    one length.
 
     With `as_numpy`, a 2-D float32 array decoded straight from base64 (no Python floats).
     """
-    items = sorted(payload.get("data") or (), key=lambda item: item.get("index", 0))
+    if not isinstance(payload, dict):
+        raise malformed(f"the body is {json_kind(payload)}, not an object")
+    if "error" in payload:
+        raise_in_band_error(payload)
+    data = payload.get("data")
+    if not isinstance(data, list):
+        raise malformed("no `data`" if data is None else
+                        f"`data` is {json_kind(data)}, not a list")
+    if expected is None:
+        if not data:
+            raise malformed("no embeddings in `data`")
+    elif len(data) != expected:
+        raise malformed(f"{len(data)} embeddings for {expected} inputs")
+    items = sorted(data, key=_index)
     if as_numpy:
         import numpy as np
 
-        rows = [np.frombuffer(base64.b64decode(e), dtype="<f4") if isinstance(e, str)
-                else np.asarray(e, dtype=np.float32)
-                for e in (item["embedding"] for item in items)]
+        try:
+            rows = [np.frombuffer(base64.b64decode(e, validate=True), dtype="<f4")
+                    if isinstance(e, str) else np.asarray(decode_vector(e), dtype=np.float32)
+                    for e in (item.get("embedding") for item in items)]
+        except ValueError as exc:  # base64 (binascii.Error), or a length not a float32's
+            raise malformed(f"an embedding does not decode: {exc}") from None
+        _check_lengths([len(row) for row in rows])
         return np.stack(rows) if rows else np.zeros((0, 0), dtype=np.float32)
-    return [decode_vector(item["embedding"]) for item in items]
+    try:
+        vectors = [decode_vector(item.get("embedding")) for item in items]
+    except ValueError as exc:
+        raise malformed(f"an embedding does not decode: {exc}") from None
+    _check_lengths([len(vector) for vector in vectors])
+    return vectors
+
+
+def _check_lengths(lengths: list[int]) -> None:
+    if lengths and (lengths[0] == 0 or lengths.count(lengths[0]) != len(lengths)):
+        raise malformed(f"embeddings of unequal or no length ({sorted(set(lengths))})")
 
 
 DONE = object()  # the SSE terminator `data: [DONE]`
@@ -227,34 +296,85 @@ _decode_json = json.JSONDecoder().decode  # str in: skips json.loads' encoding s
 
 
 def chunk_text(chunk: Mapping[str, Any]) -> tuple[str, str | None]:
-    """(text delta, finish_reason) of choice 0 in a chat or completions chunk."""
+    """(text delta, finish_reason) of choice 0 in a chat or completions chunk (or whole
+    answer); `EngineFailure` when a field is of the wrong type. No `choices`, or none in
+    it, is no text (vLLM's last chunk carries only the usage)."""
     choices = chunk.get("choices")
     if not choices:
-        return "", None
+        if choices is None or isinstance(choices, list):
+            return "", None
+        raise malformed(f"`choices` is {json_kind(choices)}, not a list")
+    if not isinstance(choices, list):
+        raise malformed(f"`choices` is {json_kind(choices)}, not a list")
     choice = choices[0]
+    if not isinstance(choice, dict):
+        raise malformed(f"a choice is {json_kind(choice)}, not an object")
     message = choice.get("delta") or choice.get("message")  # a stream chunk, or a whole answer
-    text = (message.get("content") if message is not None else choice.get("text")) or ""
-    return text, choice.get("finish_reason")
+    if message is None:
+        text = choice.get("text")
+    elif isinstance(message, dict):
+        text = message.get("content")
+    else:
+        raise malformed(f"a choice's message is {json_kind(message)}, not an object")
+    if text is None:
+        text = ""
+    elif not isinstance(text, str):
+        raise malformed(f"the text is {json_kind(text)}, not a string")
+    finish = choice.get("finish_reason")
+    if finish is not None and not isinstance(finish, str):
+        raise malformed(f"`finish_reason` is {json_kind(finish)}, not a string")
+    return text, finish
 
 
-def raise_in_band_error(event: Mapping[str, Any], server: str) -> None:
-    """Engines report an error that strikes after the headers inside the body."""
-    if "error" in event:
-        err = event["error"] if isinstance(event["error"], dict) else {}
-        code = err.get("code")
-        status = code if isinstance(code, int) else 500
-        raise classify_status(status, error_message(json.dumps(event)), server)
+def usage_of(value: Any) -> dict[str, int]:
+    """The counts of a `usage` object (other fields, such as vLLM's null details, dropped)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise malformed(f"`usage` is {json_kind(value)}, not an object")
+    return {k: v for k, v in value.items() if type(v) is int}
 
 
-def parse_answer(payload: Any, server: str) -> tuple[str, dict[str, int], str | None, str]:
-    """(text, usage, finish_reason, model) of a whole chat or completions answer."""
+def raise_in_band_error(event: Mapping[str, Any]) -> None:
+    """Engines report an error that strikes after the headers inside the body.
+
+    Under a 200 it is always the server's failure, whatever code it names: the request
+    was accepted, and vLLM reports any exception in a stream with code 400. Back-pressure
+    and misconfiguration codes keep their meaning; everything else is a server error.
+    """
+    if "error" not in event:
+        return
+    err = event["error"]
+    code = err.get("code") if isinstance(err, dict) else None
+    if isinstance(code, str) and code.isdigit():
+        code = int(code)
+    status = code if type(code) is int else 500
+    if status in _BACKPRESSURE:
+        failure = Failure.BACKPRESSURE
+    elif status in _MISCONFIGURED:
+        failure = Failure.MISCONFIGURED
+    else:
+        failure = Failure.SERVER_ERROR
+    said = f" {code}" if type(code) is int else ""
+    raise EngineFailure(failure, f"an error{said} inside a 200 answer: "
+                                 f"{_payload_message(event) or '(no message)'}", status=status)
+
+
+def parse_answer(payload: Any) -> tuple[str, dict[str, int], str | None, str]:
+    """(text, usage, finish_reason, model) of a whole chat or completions answer;
+    `EngineFailure` for an error object, or for no answer in it."""
     if not isinstance(payload, dict):
-        return "", {}, None, ""
-    raise_in_band_error(payload, server)
-    usage = payload.get("usage") or {}
+        raise malformed(f"the body is {json_kind(payload)}, not an object")
+    raise_in_band_error(payload)
+    choices = payload.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise malformed("no `choices`" if choices is None else
+                        f"`choices` is {'empty' if choices == [] else json_kind(choices)}")
     text, finish = chunk_text(payload)
-    return (text, {k: v for k, v in usage.items() if isinstance(v, int)}, finish,
-            payload.get("model") or "")
+    if not text and finish is None:
+        raise malformed("an answer with neither text nor finish_reason")
+    model = payload.get("model")
+    return text, usage_of(payload.get("usage")), finish, model if isinstance(model, str) else ""
 
 
 def parse_models(payload: Mapping[str, Any]) -> list[str]:

@@ -3,6 +3,12 @@
 Transport-agnostic: these read any `ResponseBody` (aiohttp's response, or the mock's),
 map transport errors through `modelfleet._exceptions`, and give the connection slot back
 (`on_end`) exactly once, however the read ends.
+
+Whatever the bytes are, a read ends in an answer or in `EngineFailure`: what the parsers
+choke on is the server's malformed answer, never an exception of ours for the caller.
+Deadlines are kept here as well as in the transport: aiohttp's sock_read restarts with
+every byte, so a server that trickles bytes without an answer in them is cut when its
+stall deadline (or answer deadline) passes, checked at each chunk (no timer of its own).
 """
 
 from __future__ import annotations
@@ -18,12 +24,14 @@ from modelfleet._transports.models import Embeddings, Generation, ResponseBody
 from modelfleet._transports.parse import (
     DONE,
     chunk_text,
+    json_kind,
+    malformed,
     parse_answer,
     parse_embeddings,
     parse_sse,
     raise_in_band_error,
+    usage_of,
 )
-from modelfleet.errors import RequestRejected
 from modelfleet.routing import Failure
 
 _JSON = "application/json"
@@ -41,7 +49,7 @@ class TokenStream:
 
     __slots__ = ("response", "server", "sent_at", "stall_s", "whole_s", "text_parts", "usage",
                  "finish_reason", "model", "first_token_at", "ended_at", "_pending", "_tail",
-                 "_done", "_one_body", "_on_end")
+                 "_done", "_one_body", "_on_end", "_stall_at")
 
     def __init__(self, response: ResponseBody, server: str, sent_at: float,
                  stall_s: float | None = None, *, whole_s: float | None = None,
@@ -62,6 +70,8 @@ class TokenStream:
         self._tail = b""  # an incomplete last line
         self._done = False
         self._one_body = False  # it came as one JSON body, not as SSE
+        # Bytes that carry no event after this moment are a trickle, not progress.
+        self._stall_at = sent_at + (stall_s if stall_s is not None else float("inf"))
 
     def __aiter__(self) -> TokenStream:
         return self
@@ -95,18 +105,26 @@ class TokenStream:
             if self.finish_reason is None and not self.usage:
                 self.close()
                 raise EngineFailure(Failure.REFUSED, "stream ended before it finished")
+            if self.finish_reason is None and not self.text_parts:
+                self.close()
+                raise malformed("the stream ended with no text and no finish_reason")
             return
         now = time.perf_counter()
-        complete, newline, tail = (self._tail + data).rpartition(b"\n")
-        if not newline:
-            self._tail = tail
-            return
-        self._tail = tail
+        complete, newline, self._tail = (self._tail + data).rpartition(b"\n")
         try:
-            events = parse_sse(complete.decode("utf-8"))
+            events = parse_sse(complete.decode("utf-8")) if newline else ()
+            if not events:
+                if now > self._stall_at:
+                    raise EngineFailure(Failure.TIMEOUT, self._trickle_reason())
+                return
+            if self.stall_s is not None:
+                self._stall_at = now + self.stall_s
             for event in events:
                 if event is DONE:
                     self._done = True
+                    if self.finish_reason is None and not self.text_parts:
+                        raise malformed("the stream ended ([DONE]) with no text and no "
+                                        "finish_reason")
                     break
                 text = self._take(event)
                 if text:
@@ -114,25 +132,27 @@ class TokenStream:
                         self.first_token_at = now
                     self.text_parts.append(text)
                     self._pending.append(text)
-        except (EngineFailure, RequestRejected):
+        except EngineFailure:
             self.close()
             raise
-        except ValueError as exc:  # a data line that is not JSON (or not UTF-8)
+        except Exception as exc:  # not UTF-8, not JSON, too deep: the server's bytes
             self.close()
-            raise EngineFailure(Failure.SERVER_ERROR, f"malformed stream: {exc}") from None
+            raise _undecodable(exc, "stream ") from None
 
     async def _one_json_body(self) -> None:
         self._one_body = True
         try:
-            event = json.loads(await self.response.read())
-        except ValueError as exc:
+            raw = await _read_within(self.response, self._stall_at, self.whole_s or self.stall_s)
+            text, usage, finish, model = parse_answer(json.loads(raw))
+        except TRANSPORT_ERRORS as exc:
             self.close()
-            raise EngineFailure(Failure.SERVER_ERROR, f"malformed answer: {exc}") from None
-        try:
-            text, usage, finish, model = parse_answer(event, self.server)
-        except (EngineFailure, RequestRejected):
+            raise engine_failure(exc, stall_s=self.stall_s, whole_s=self.whole_s) from None
+        except EngineFailure:
             self.close()
             raise
+        except Exception as exc:  # not JSON
+            self.close()
+            raise _undecodable(exc) from None
         self.first_token_at = time.perf_counter()
         self._done = True
         self.usage, self.finish_reason, self.model = usage, finish, model
@@ -140,16 +160,22 @@ class TokenStream:
             self.text_parts.append(text)
             self._pending.append(text)
 
+    def _trickle_reason(self) -> str:
+        if self.whole_s is not None:
+            return f"no whole answer within {self.whole_s:.1f} s, only bytes (answer deadline)"
+        return f"sent bytes but no event for {self.stall_s:.1f} s (stall deadline)"
+
     def _take(self, event: Any) -> str:
-        if not isinstance(event, dict):
-            return ""
+        if type(event) is not dict:
+            raise malformed(f"a stream event is {json_kind(event)}, not an object")
         if "error" in event:
-            raise_in_band_error(event, self.server)
+            raise_in_band_error(event)
         if not self.model:
-            self.model = event.get("model") or ""
+            model = event.get("model")
+            self.model = model if isinstance(model, str) else ""
         usage = event.get("usage")
-        if usage:
-            self.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+        if usage is not None:
+            self.usage = usage_of(usage)
         text, finish = chunk_text(event)
         if finish:
             self.finish_reason = finish
@@ -193,14 +219,37 @@ class TokenStream:
                           total_s=end - self.sent_at, output_tokens=self.output_tokens)
 
 
-async def _read_body(response: ResponseBody, on_end: Callable[[], None], *,
-                     stall_s: float | None, whole_s: float | None = None) -> bytes:
-    """The whole body; the connection goes back to the pool (or is dropped on trouble)."""
+def _undecodable(exc: Exception, what: str = "") -> EngineFailure:
+    """The failure of bytes the parsers could not read (the exception says where)."""
+    if isinstance(exc, ValueError):  # JSONDecodeError, UnicodeDecodeError
+        return malformed(f"{what}not JSON ({exc})")
+    return malformed(f"{what}{type(exc).__name__}: {exc}")
+
+
+async def _read_within(response: ResponseBody, deadline_at: float,
+                       deadline_s: float | None) -> bytes:
+    """The whole body, chunk by chunk; a body still coming at `deadline_at` (a
+    `time.perf_counter()` moment) is cut: every chunk restarts aiohttp's sock_read."""
+    content = response.content
+    parts = []
+    while data := await content.readany():
+        parts.append(data)
+        if time.perf_counter() > deadline_at:
+            within = f" within {deadline_s:.1f} s" if deadline_s is not None else ""
+            raise EngineFailure(Failure.TIMEOUT, f"no whole answer{within}, only a body that "
+                                                 f"kept coming (answer deadline)")
+    return b"".join(parts)
+
+
+async def _read_body(response: ResponseBody, on_end: Callable[[], None], *, deadline_at: float,
+                     deadline_s: float, whole_s: float | None = None) -> bytes:
+    """The whole body, due by `deadline_at`; the connection goes back to the pool (or is
+    dropped on trouble)."""
     try:
-        raw = await response.read()
+        raw = await _read_within(response, deadline_at, deadline_s)
     except TRANSPORT_ERRORS as exc:
         response.close()
-        raise engine_failure(exc, stall_s=stall_s, whole_s=whole_s) from None
+        raise engine_failure(exc, stall_s=deadline_s, whole_s=whole_s) from None
     except BaseException:
         response.close()
         raise
@@ -222,28 +271,36 @@ async def read_answer(response: ResponseBody, server: str, sent_at: float, *,
         finally:
             stream.close()
         return stream.generation()
-    raw = await _read_body(response, on_end, stall_s=deadline_s, whole_s=deadline_s)
+    raw = await _read_body(response, on_end, deadline_at=sent_at + deadline_s,
+                           deadline_s=deadline_s, whole_s=deadline_s)
     total_s = time.perf_counter() - sent_at
     try:
-        payload = json.loads(raw)
-    except ValueError as exc:
-        raise EngineFailure(Failure.SERVER_ERROR, f"malformed answer: {exc}") from None
-    text, usage, finish, model = parse_answer(payload, server)
+        text, usage, finish, model = parse_answer(json.loads(raw))
+    except EngineFailure:
+        raise
+    except Exception as exc:  # not JSON (or nested too deep to decode)
+        raise _undecodable(exc) from None
     return Generation(text=text, usage=usage, finish_reason=finish, model=model, ttft_s=None,
                       total_s=total_s,
                       output_tokens=int(usage.get("completion_tokens") or (1 if text else 0)))
 
 
 async def read_embeddings(response: ResponseBody, sent_at: float, *, stall_s: float,
-                          on_end: Callable[[], None], as_numpy: bool = False) -> Embeddings:
-    """The vectors of an embeddings answer, in input order."""
-    raw = await _read_body(response, on_end, stall_s=stall_s)
+                          on_end: Callable[[], None], as_numpy: bool = False,
+                          expected: int | None = None) -> Embeddings:
+    """The vectors of an embeddings answer, in input order: `expected` of them (when
+    known), all of one length, the whole answer within `stall_s` (an embedding's stall
+    deadline is its whole answer's)."""
+    raw = await _read_body(response, on_end, deadline_at=sent_at + stall_s, deadline_s=stall_s)
     total_s = time.perf_counter() - sent_at
     try:
         data = json.loads(raw)
-        vectors = parse_embeddings(data, as_numpy=as_numpy)
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise EngineFailure(Failure.SERVER_ERROR, f"malformed embeddings: {exc}") from None
-    usage = {k: v for k, v in (data.get("usage") or {}).items() if isinstance(v, int)}
-    return Embeddings(vectors=vectors, usage=usage, model=data.get("model") or "",
+        vectors = parse_embeddings(data, as_numpy=as_numpy, expected=expected)
+        usage = usage_of(data.get("usage"))
+        model = data.get("model")
+    except EngineFailure:
+        raise
+    except Exception as exc:  # not JSON, or what numpy makes of odd rows
+        raise _undecodable(exc, "embeddings ") from None
+    return Embeddings(vectors=vectors, usage=usage, model=model if isinstance(model, str) else "",
                       total_s=total_s)

@@ -78,6 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return _reader_left()
+
+
+def _reader_left() -> int:
+    """`modelfleet ... | head`: the reader left, which is not an error worth a traceback.
+    Point stdout at /dev/null so the interpreter's final flush does not raise again."""
+    import os
+
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # what a shell reports for a writer killed by SIGPIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,6 +34,18 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                    help="requests run at once; more wait in a queue (default 64)")
     p.add_argument("--max-model-len", type=int, default=4096,
                    help="context length: longer prompts get a 400 (default 4096)")
+    p.add_argument("--kv-cache-tokens", type=int, default=SimSpec.kv_cache_tokens,
+                   help="a KV cache of this many tokens, shared by running requests and cached "
+                        "prompt prefixes (LRU), with prefix caching: a cached prefix skips its "
+                        "prefill; requests wait while running ones fill it (default: none, no "
+                        "prefix caching, usage against max-batch x max-model-len)")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="with --kv-cache-tokens, cache no prefixes (on by default, as in vLLM)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="share prefill: one engine step computes at most this many tokens (prompt "
+                        "chunks, and one per decoding request), and each prompt token lengthens "
+                        "the step for everyone, as on a GPU (vLLM's default is 8192; default "
+                        "here: unset, each prefill runs on its own)")
     p.add_argument("--seed", type=int, default=SimSpec.seed, help="seed of the generated text and faults")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $SIM_API_KEY)")
@@ -49,9 +61,13 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--speed must be > 0 (1 = real time, 10 = ten times faster), got {args.speed}")
     if not args.batch_slowdown >= 0:
         raise UsageError(f"--batch-slowdown must be >= 0, got {args.batch_slowdown}")
-    for flag in ("dim", "max_batch", "max_model_len"):
-        if getattr(args, flag) < 1:
+    for flag in ("dim", "max_batch", "max_model_len", "max_num_batched_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.kv_cache_tokens is not None and args.kv_cache_tokens < args.max_model_len:
+        raise UsageError(f"--kv-cache-tokens ({args.kv_cache_tokens}) must hold one request of "
+                         f"--max-model-len ({args.max_model_len}) tokens, as vLLM requires: raise "
+                         f"it or lower --max-model-len")
     if not args.model.strip():
         raise UsageError("--model must not be empty")
 
@@ -65,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
     settings = SimSettings(
         model=args.model, kind=args.kind, speed=args.speed, batch_slowdown=args.batch_slowdown,
         dim=args.dim, max_batch=args.max_batch, seed=args.seed, max_model_len=args.max_model_len,
+        kv_cache_tokens=args.kv_cache_tokens, prefix_caching=args.prefix_caching,
+        max_num_batched_tokens=args.max_num_batched_tokens,
         api_key=args.api_key or os.environ.get("SIM_API_KEY") or None,
     )
     try:

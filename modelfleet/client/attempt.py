@@ -1,9 +1,9 @@
 """The retry loop: one request, tried on the model's servers until one answers.
 
 A failure that is the server's (`EngineFailure`: refused, reset, silent past its
-deadline, 429/503, 5xx, 404/401) is observed on that server's endpoint and the request
-moves on: to a server not tried yet while one is left, else (after a short jittered
-pause that grows) to the best one again. Retrying stops at `routing.max_retry`
+deadline, 429/503, 5xx, 404/401, a redirect, an answer that is not one) is observed on
+that server's endpoint and the request moves on: to a server not tried yet while one is
+left, else (after a short jittered pause that grows) to the best one again. Retrying stops at `routing.max_retry`
 attempts or when the model's retry budget refuses one; the caller then gets
 `NoServerAvailable`, written by the request's `RetryState`. A failure that is the
 request's own (`RequestRejected`, a 4xx) is raised at once: another server would

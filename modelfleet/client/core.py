@@ -24,9 +24,9 @@ from modelfleet.client.attempt import send_with_retries
 from modelfleet.client.route import Route
 from modelfleet.client.types import ChatResult, ChatStream, EmbedResult, ModelStatus, StreamProgress
 from modelfleet.config import FleetConfig, ServerSpec, load_config
-from modelfleet.errors import FleetError, NoServerAvailable, StreamInterrupted, UsageError
+from modelfleet.errors import NoServerAvailable, StreamInterrupted, UsageError
 from modelfleet.probe import apply_probe, benchmark_work, probe_server
-from modelfleet.routing import Health, Work, prompt_blocks
+from modelfleet.routing import Failure, Health, Work, prompt_blocks
 from modelfleet.routing.blocks import render_messages
 from modelfleet.routing.prefix_index import INDEX_BLOCK_TOKENS
 
@@ -395,10 +395,7 @@ class AsyncModelServer:
             endpoint, answer = await send_with_retries(route, work, None, send, self._rng)
         finally:
             self._maybe_benchmark(route)
-        if len(answer.vectors) != len(batch):
-            raise FleetError(f"{endpoint.address} returned {len(answer.vectors)} embeddings "
-                             f"for {len(batch)} inputs")
-        return endpoint.address, answer
+        return endpoint.address, answer  # as many vectors as inputs: the transport checked
 
     # -- background probing ------------------------------------------------
 
@@ -442,9 +439,17 @@ class AsyncModelServer:
         work = benchmark_work(route.spec, self._config.benchmark)
         stall_s = endpoint.stall_deadline(floor_s=routing.stall_timeout_s,
                                           ceiling_s=routing.request_timeout_s, work=work)
-        result = await probe_server(self._transport, route.spec, server, self._config.benchmark,
-                                    stall_s=stall_s,
-                                    timeout_s=min(routing.request_timeout_s, PROBE_TIMEOUT_S))
+        try:
+            result = await probe_server(self._transport, route.spec, server,
+                                        self._config.benchmark, stall_s=stall_s,
+                                        timeout_s=min(routing.request_timeout_s, PROBE_TIMEOUT_S))
+        except Exception as exc:  # probe_server does not raise; if it ever does, the server
+            #                       is marked failed and probing goes on (no dead task)
+            why = f"probe failed ({type(exc).__name__}: {exc})"
+            log.warning("%s: %s", server.address, why)
+            if route.pool.endpoints.get(server.address) is endpoint:
+                endpoint.observe_failure(Failure.SERVER_ERROR, why)
+            return
         if route.pool.endpoints.get(server.address) is endpoint:  # not removed meanwhile
             apply_probe(endpoint, result, route.pool)
 

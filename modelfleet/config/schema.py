@@ -111,6 +111,9 @@ class SimSpec:
     dim: int = setting(384, kind="integer", minimum=1, help="length of the embedding vectors")
     max_batch: int = setting(64, kind="integer", minimum=1, help="requests run at once; more wait in a queue")
     seed: int = setting(0, kind="integer", help="seed of the generated text and timings")
+    kv_cache_tokens: int | None = setting(
+        None, kind="integer", minimum=16, show="if_set",
+        help="KV cache size in tokens, with prefix caching; default none (no prefix caching)")
 
 
 @dataclass(frozen=True)

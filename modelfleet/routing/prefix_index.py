@@ -31,6 +31,7 @@ request and `observe_metrics` after each /metrics scrape.
 from __future__ import annotations
 
 import functools
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from hashlib import blake2b
@@ -154,6 +155,9 @@ class PrefixIndex:
         """What a /metrics scrape of the server said: prefix-cache hit and query counters
         (tokens), the fraction of its KV cache in use, its size in tokens (0: no prefix
         caching). Any may be None (not exported)."""
+        hits, queries, usage, capacity_tokens = (
+            v if v is None or math.isfinite(v) else None  # a broken exporter's NaN / Inf
+            for v in (hits, queries, usage, capacity_tokens))
         server = self._servers.get(address)
         if server is None:
             server = self._servers[address] = _ServerCache(address, self._default_capacity)

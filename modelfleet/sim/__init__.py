@@ -5,7 +5,8 @@ hashes of the text. Tests, the demo and the benchmarks run against it, so it
 starts in well under a second and costs little CPU.
 
 - `content`: tokens, filler text, embedding vectors (pure functions);
-- `engine`: the timing model (batch, queue, continuous-batching decode);
+- `engine`: the timing model (batch, queue, steps with chunked prefill, continuous batching);
+- `kvcache`: the KV cache's blocks, prefix caching and LRU eviction;
 - `faults`: what `POST /sim/fault` can break;
 - `metrics`: `/metrics` in vLLM's Prometheus names;
 - `wire`: vLLM's request checks and response shapes;

@@ -9,7 +9,9 @@ simulated; the rest of vLLM's hundreds of lines are left out.
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
+from dataclasses import dataclass
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
                 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -44,11 +46,30 @@ class Histogram:
         out.append(f'{name}_sum{{engine="0",{labels}}} {self.total!r}')
 
 
+@dataclass(frozen=True)
+class CacheConfig:
+    """What `vllm:cache_config_info` says about the KV cache (clients read its size there)."""
+
+    block_size: int
+    num_blocks: int
+    prefix_caching: bool
+
+    def labels(self) -> str:
+        """vLLM's label names in vLLM's (sorted) order; only those the sim can answer truly."""
+        return (f'block_size="{self.block_size}",enable_prefix_caching="{self.prefix_caching}",'
+                f'engine="0",kv_cache_size_tokens="{self.block_size * self.num_blocks}",'
+                f'num_gpu_blocks="{self.num_blocks}"')
+
+
 class SimMetrics:
     """Counters and histograms of one sim; gauges are read live when rendered."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, cache: CacheConfig | None = None) -> None:
         self.labels = f'model_name="{model_name}"'
+        self.cache = cache
+        self.created = time.time()
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found there
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.success = dict.fromkeys(FINISHED_REASONS, 0)
@@ -60,6 +81,11 @@ class SimMetrics:
     def count_http(self, handler: str, method: str, status: int) -> None:
         key = (handler, method, f"{status // 100}xx")
         self.http[key] = self.http.get(key, 0) + 1
+
+    def prefix_cache(self, *, queried: int, hit: int) -> None:
+        """One request's lookup, in tokens, counted when it is admitted (as vLLM does)."""
+        self.prefix_queries += queried
+        self.prefix_hits += hit
 
     def finished(self, *, reason: str, prompt_tokens: int, generation_tokens: int,
                  queued_s: float, ttft_s: float | None, e2e_s: float) -> None:
@@ -85,6 +111,14 @@ class SimMetrics:
         out.append(f'vllm:num_requests_waiting{{engine="0",{lb}}} {float(waiting)}')
         head("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.")
         out.append(f'vllm:kv_cache_usage_perc{{engine="0",{lb}}} {float(kv_usage)}')
+        for name, value, text in (
+                ("queries", self.prefix_queries,
+                 "Prefix cache queries, in terms of number of queried tokens."),
+                ("hits", self.prefix_hits, "Prefix cache hits, in terms of number of cached tokens.")):
+            head(f"vllm:prefix_cache_{name}_total", "counter", text)
+            out.append(f'vllm:prefix_cache_{name}_total{{engine="0",{lb}}} {float(value)}')
+            head(f"vllm:prefix_cache_{name}_created", "gauge", text)
+            out.append(f'vllm:prefix_cache_{name}_created{{engine="0",{lb}}} {self.created!r}')
         head("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.")
         out.append(f'vllm:prompt_tokens_total{{engine="0",{lb}}} {float(self.prompt_tokens)}')
         head("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.")
@@ -99,6 +133,9 @@ class SimMetrics:
         head("vllm:request_queue_time_seconds", "histogram",
              "Histogram of time spent in WAITING phase for request.")
         self.queue_time.render("vllm:request_queue_time_seconds", lb, out)
+        if self.cache is not None:
+            head("vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig")
+            out.append(f"vllm:cache_config_info{{{self.cache.labels()}}} 1.0")
         head("http_requests_total", "counter", "Total number of requests by method, status and handler.")
         for (handler, method, status), n in self.http.items():
             out.append(f'http_requests_total{{handler="{handler}",method="{method}",status="{status}"}} {float(n)}')

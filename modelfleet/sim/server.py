@@ -28,10 +28,12 @@ from typing import Any
 from aiohttp import web
 
 from modelfleet.config import SimSpec
+from modelfleet.routing.blocks import BLOCK_TOKENS, render_messages
 from modelfleet.sim import content, wire
 from modelfleet.sim.engine import Engine
 from modelfleet.sim.faults import FaultError, Faults, HangReleased
-from modelfleet.sim.metrics import SimMetrics
+from modelfleet.sim.kvcache import KVCache, SequenceShape
+from modelfleet.sim.metrics import CacheConfig, SimMetrics
 from modelfleet.sim.wire import ApiError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -55,7 +57,21 @@ class SimSettings:
     max_batch: int = SimSpec.max_batch
     seed: int = SimSpec.seed
     max_model_len: int = 4096
+    # None: no prefix cache, and room for max_batch requests of max_model_len tokens (usage only).
+    kv_cache_tokens: int | None = SimSpec.kv_cache_tokens
+    prefix_caching: bool = True  # with a kv_cache_tokens only
+    # None: each prefill runs on its own, beside the steps (engine.py)
+    max_num_batched_tokens: int | None = None
     api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.kv_cache_tokens or self.max_batch * self.max_model_len
+
+    @property
+    def caching(self) -> bool:
+        """Prefix caching is on where a cache size is given, unless turned off."""
+        return self.kv_cache_tokens is not None and self.prefix_caching
 
 
 class SimServer:
@@ -64,10 +80,13 @@ class SimServer:
     def __init__(self, settings: SimSettings) -> None:
         self.settings = settings
         self.faults = Faults(settings.seed)
+        self.kv = KVCache(settings.cache_tokens, prefix_caching=settings.caching)
         self.engine = Engine(speed=settings.speed, batch_slowdown=settings.batch_slowdown,
-                             max_batch=settings.max_batch, faults=self.faults,
-                             kv_capacity_tokens=settings.max_batch * settings.max_model_len)
-        self.metrics = SimMetrics(settings.model)
+                             max_batch=settings.max_batch, faults=self.faults, kv_cache=self.kv,
+                             max_num_batched_tokens=settings.max_num_batched_tokens)
+        self.metrics = SimMetrics(settings.model, CacheConfig(
+            block_size=BLOCK_TOKENS, num_blocks=self.kv.num_blocks,
+            prefix_caching=settings.caching))
         self.created = int(time.time())
         self.hung = 0
 
@@ -181,6 +200,12 @@ class SimServer:
             "max_batch": s.max_batch, "batch_factor": engine.batch_factor(),
             "max_model_len": s.max_model_len, "dim": s.dim, "seed": s.seed,
             "zero_delay": engine.zero_delay, "kv_cache_usage": engine.kv_cache_usage,
+            "kv_cache_tokens": self.kv.size_tokens, "block_size": BLOCK_TOKENS,
+            "kv_cache_blocks": self.kv.num_blocks, "used_blocks": self.kv.used_blocks,
+            "cached_blocks": self.kv.cached_blocks, "prefix_caching": s.caching,
+            "prefix_cache_queries": self.metrics.prefix_queries,
+            "prefix_cache_hits": self.metrics.prefix_hits,
+            "max_num_batched_tokens": s.max_num_batched_tokens,
             "faults": self.faults.as_dict(),
         })
 
@@ -205,7 +230,7 @@ class SimServer:
                                         prompts=[(text, tokens)])
         except ApiError as exc:
             return _error(exc)
-        return await self._generate(request, gen, chat=True)
+        return await self._generate(request, gen, chat=True, cache_texts=[render_messages(messages)])
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -220,11 +245,15 @@ class SimServer:
                                         prompts=counted)
         except ApiError as exc:
             return _error(exc)
-        return await self._generate(request, gen, chat=False)
+        return await self._generate(request, gen, chat=False, cache_texts=[t for t, _ in counted])
 
-    async def _generate(self, request: web.Request, gen: wire.Generation, *,
-                        chat: bool) -> web.StreamResponse:
-        """Run every prompt of the request through the engine at once; reply or stream."""
+    async def _generate(self, request: web.Request, gen: wire.Generation, *, chat: bool,
+                        cache_texts: list[str]) -> web.StreamResponse:
+        """Run every prompt of the request through the engine at once; reply or stream.
+
+        `cache_texts` are the prompts as the client renders them (routing.blocks): what
+        the KV cache hashes, so that client and sim agree on every prefix.
+        """
         seed, model = self.settings.seed, self.settings.model
         replies = [content.reply_pieces(seed, text, gen.max_tokens, leading_space=not chat)
                    for text, _ in gen.prompts]
@@ -235,8 +264,12 @@ class SimServer:
             response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
             await response.prepare(request)
         out = _ReplyWriter(response, rid, created, model, chat)
-        runs = [self._run_one(i, tokens, pieces, finish, out)
-                for i, ((_, tokens), (pieces, finish)) in enumerate(zip(gen.prompts, replies, strict=True))]
+        hashed = self.settings.caching
+        shapes = [SequenceShape.of(text, _reply_text(pieces, chat), hashed=hashed)
+                  for text, (pieces, _) in zip(cache_texts, replies, strict=True)]
+        runs = [self._run_one(i, tokens, shape, pieces, finish, out)
+                for i, ((_, tokens), shape, (pieces, finish))
+                in enumerate(zip(gen.prompts, shapes, replies, strict=True))]
         try:
             if len(runs) == 1:
                 await runs[0]
@@ -268,15 +301,17 @@ class SimServer:
         return _json(200, wire.completion_body(rid, model, choices, prompt_tokens,
                                                completion_tokens))
 
-    async def _run_one(self, index: int, prompt_tokens: int, pieces: list[str], finish: str,
-                       out: _ReplyWriter) -> None:
-        """One sequence: queue, prefill, first token, decode steps, with its metrics."""
+    async def _run_one(self, index: int, prompt_tokens: int, shape: SequenceShape,
+                       pieces: list[str], finish: str, out: _ReplyWriter) -> None:
+        """One sequence: queue, prefill of its uncached tokens, first token, decode steps."""
         engine, faults = self.engine, self.faults
         arrived = time.monotonic()
         sent = 0
-        async with engine.slot(kv_tokens=prompt_tokens):
+        async with engine.admit(shape) as blocks:
             started = time.monotonic()
-            await engine.prefill(prompt_tokens)
+            if self.settings.caching:
+                self.metrics.prefix_cache(queried=shape.prompt_tokens, hit=blocks.hit_tokens)
+            await engine.prefill(_uncached(prompt_tokens, shape.prompt_tokens, blocks.hit_tokens))
             ttft = time.monotonic() - arrived
             await out.begin(index)
             streaming = out.streaming
@@ -286,6 +321,7 @@ class SimServer:
                 async for new in steps:
                     produced += new
                     sent = await out.tokens(index, pieces, sent, produced, finish, faults)
+            blocks.completed = True
         self.metrics.finished(reason=finish, prompt_tokens=prompt_tokens,
                               generation_tokens=len(pieces), queued_s=started - arrived,
                               ttft_s=ttft, e2e_s=time.monotonic() - arrived)
@@ -333,6 +369,20 @@ class SimServer:
                               queued_s=started - arrived, ttft_s=done - arrived,
                               e2e_s=done - arrived)
         return _json(200, wire.embeddings_body(s.model, vectors, total))
+
+
+def _uncached(prompt_tokens: int, estimated: int, hit: int) -> int:
+    """The prompt tokens a prefill computes: the cache counts the client's estimate of the
+    rendered prompt, the clock the sim's own count (usage), so the hit is taken as a share."""
+    if hit <= 0 or estimated <= 0:
+        return prompt_tokens
+    return -(-prompt_tokens * (estimated - hit) // estimated)
+
+
+def _reply_text(pieces: list[str], chat: bool) -> str:
+    """What follows the prompt in the sequence, rendered as the client renders the next turn."""
+    reply = "".join(pieces)
+    return render_messages([{"role": "assistant", "content": reply}]) if chat else reply
 
 
 class _Disconnect(Exception):
@@ -434,7 +484,10 @@ def banner(settings: SimSettings, host: str, port: int, worker: int | None) -> s
         f"modelfleet sim: SIMULATED {s.kind} engine (no model, no GPU; replies are filler text) "
         f"serving '{s.model}' on http://{host}:{port}",
         f"  speed x{s.speed:g}, batch slowdown {s.batch_slowdown:g}/request, max batch "
-        f"{s.max_batch}, max model len {s.max_model_len}, seed {s.seed}"
+        f"{s.max_batch}, max model len {s.max_model_len}, seed {s.seed}, KV cache "
+        f"{s.cache_tokens} tokens, prefix caching {'on' if s.caching else 'off'}, prefill "
+        + (f"shared ({s.max_num_batched_tokens} tokens a step)" if s.max_num_batched_tokens
+           else "unshared")
         + (f", dim {s.dim}" if s.kind == "embedding" else "")
         + (", api key required" if s.api_key else ""),
     ]
