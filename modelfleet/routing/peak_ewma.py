@@ -33,10 +33,10 @@ from modelfleet.routing.prefix_index import PrefixIndex, rendezvous_weight
 from modelfleet.routing.work import Work
 
 TIE_BAND = math.log(1.25)  # latency ratios within 1.25x are near ties: shared gently
-TIE_SLOPE = 4.0  # log-odds per unit of log ratio inside the band (a peak's noise lives there)
+TIE_SLOPE = 2.0  # log-odds per unit of log ratio inside the band (a peak's noise lives there)
 STEEP_SLOPE = 12.0  # and beyond it: a clearly slower server is all but left out
-PREFIX_BAND = 1.25  # a server this much slower than the best may keep a prefix
-PREFIX_SLACK_S = 0.005  # and this much, so that near-zero latencies still tie
+PREFIX_BAND = 1.5  # a server this much slower than the best may keep a prefix (as an affinity pin)
+PREFIX_SLACK_S = 0.02  # and this much: latency noise on a loaded host, not a queue
 _MAX_ODDS = 40.0  # beyond this the slower one's chance is nil (and exp stays finite)
 
 
