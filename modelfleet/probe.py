@@ -17,7 +17,7 @@ from modelfleet._transports.base import AsyncBaseTransport
 from modelfleet._transports.models import QueueSample
 from modelfleet.config import BenchmarkSpec, ModelSpec, ServerSpec
 from modelfleet.errors import RequestRejected
-from modelfleet.routing import Endpoint, Failure, Work
+from modelfleet.routing import Endpoint, Failure, Pool, Work
 
 log = logging.getLogger("modelfleet.probe")
 
@@ -104,10 +104,15 @@ async def _scrape(transport: AsyncBaseTransport, model: ModelSpec, server: Serve
         return None
 
 
-def apply_probe(endpoint: Endpoint, result: ProbeResult) -> None:
-    """Teach an endpoint what a probe found (the probe is the way back up for a down server)."""
+def apply_probe(endpoint: Endpoint, result: ProbeResult, pool: Pool | None = None) -> None:
+    """Teach an endpoint what a probe found (the probe is the way back up for a down server),
+    and the pool's prefix index what the server says of its cache."""
     if result.queue is not None:
         endpoint.observe_queue(running=result.queue.running, waiting=result.queue.waiting)
+        cache = result.queue.cache
+        if pool is not None and cache is not None:
+            pool.observe_cache(endpoint.address, hits=cache.hits, queries=cache.queries,
+                               usage=cache.usage, capacity_tokens=cache.capacity_tokens)
     if result.ok:
         endpoint.observe_success(ttft_s=result.ttft_s, total_s=result.total_s, work=result.work,
                                  output_tokens=result.output_tokens)

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from modelfleet._transports.aiohttp import AiohttpTransport
+from modelfleet._transports.models import CacheSample
 from modelfleet.client.route import Route
 from modelfleet.config import FleetConfig, ModelSpec, ServerSpec
 from modelfleet.probe import ProbeResult, apply_probe, benchmark_work, probe_server
@@ -62,6 +63,12 @@ class ServerRow:
     ms_per_input: float | None  # embeddings: milliseconds per input
     running: float | None  # the server's own queue, from /metrics
     waiting: float | None
+    # Its prefix cache, from /metrics (vllm:prefix_cache_hits_total / _queries_total, in
+    # tokens): hits / queries since it started, and since the previous round (--watch).
+    prefix_hits: float | None
+    prefix_queries: float | None
+    prefix_hit_ratio: float | None
+    prefix_hit_ratio_recent: float | None
     expected_latency_s: float | None  # what the routing expects of the benchmark request now
     picked: bool  # the server the routing policy would send the next request to
 
@@ -128,6 +135,7 @@ class FleetProber:
         self._transport = AiohttpTransport(limit_per_host=8, connect_timeout_s=timeout_s)
         # The client's own routing state per model, so "would pick" is the client's answer.
         self._pools = {spec.name: Route(spec, config.routing).pool for spec in self.models}
+        self._caches: dict[tuple[str, str], CacheSample] = {}  # the previous round's, per server
 
     async def probe(self) -> FleetReport:
         """One round: every server of every model at once."""
@@ -177,7 +185,7 @@ class FleetProber:
                     probed: list[tuple[ServerSpec, ProbeResult]]) -> list[ServerRow]:
         pool = self._pools[spec.name]
         for server, result in probed:
-            apply_probe(pool.endpoints[server.address], result)
+            apply_probe(pool.endpoints[server.address], result, pool)
         work = benchmark_work(spec, self.config.benchmark)
         picked = _would_pick(pool, self.config.routing.policy, work)
         answered = [(s, r) for s, r in probed if r.ok and r.total_s is not None]
@@ -187,8 +195,13 @@ class FleetProber:
         for server, result in probed:
             endpoint = pool.endpoints[server.address]
             status, reason = _status(result, endpoint, fastest, rate, self.timeout_s)
+            cache = result.queue.cache if result.queue else None
+            before = self._caches.pop((spec.name, server.address), None)
+            if cache is not None:
+                self._caches[(spec.name, server.address)] = cache
             rows.append(_row(spec, server, result, endpoint, status, reason, work,
-                             picked is not None and picked.address == server.address))
+                             picked is not None and picked.address == server.address,
+                             _recent_ratio(before, cache)))
         return rows
 
 
@@ -214,6 +227,17 @@ def _would_pick(pool: Pool, policy: str, work: Any) -> Endpoint | None:
         return min(usable, key=lambda e: e.expected_latency(work))
     chosen = pool.choose(work)
     return chosen if chosen in usable else None
+
+
+def _recent_ratio(before: CacheSample | None, now: CacheSample | None) -> float | None:
+    """Hits / queries between two rounds; None without two samples or new queries."""
+    if before is None or now is None or None in (before.hits, before.queries, now.hits,
+                                                  now.queries):
+        return None
+    queries = now.queries - before.queries  # type: ignore[operator]
+    if queries <= 0 or now.hits < before.hits:  # type: ignore[operator]  # idle, or restarted
+        return None
+    return (now.hits - before.hits) / queries  # type: ignore[operator]
 
 
 def _status(result: ProbeResult, endpoint: Endpoint,
@@ -249,7 +273,8 @@ def _why_failed(result: ProbeResult, timeout_s: float) -> str:
 
 
 def _row(spec: ModelSpec, server: ServerSpec, result: ProbeResult, endpoint: Endpoint,
-         status: str, reason: str, work: Any, picked: bool) -> ServerRow:
+         status: str, reason: str, work: Any, picked: bool,
+         recent_ratio: float | None = None) -> ServerRow:
     ttft = tokens_per_s = ms_per_input = None
     if result.ok and result.total_s is not None:
         if spec.kind == "embedding":
@@ -261,6 +286,7 @@ def _row(spec: ModelSpec, server: ServerSpec, result: ProbeResult, endpoint: End
             if result.output_tokens and result.total_s > 0:
                 tokens_per_s = result.output_tokens / result.total_s
     queue = result.queue
+    cache = queue.cache if queue else None
     expected = endpoint.expected_latency(work) if endpoint.health is not Health.DOWN and \
         endpoint.service_time(work) is not None else None
     return ServerRow(
@@ -269,6 +295,8 @@ def _row(spec: ModelSpec, server: ServerSpec, result: ProbeResult, endpoint: End
         latency_s=result.total_s if result.ok else None, ttft_s=ttft,
         tokens_per_s=tokens_per_s, ms_per_input=ms_per_input,
         running=queue.running if queue else None, waiting=queue.waiting if queue else None,
+        prefix_hits=cache.hits if cache else None, prefix_queries=cache.queries if cache else None,
+        prefix_hit_ratio=cache.hit_ratio if cache else None, prefix_hit_ratio_recent=recent_ratio,
         expected_latency_s=expected, picked=picked)
 
 

@@ -40,6 +40,8 @@ def sample(pattern: str, key: Key) -> Any:
         else:
             value = (key.above if key.above is not None else key.minimum or 0) + 1
         return int(value) if kind == "integer" else float(value) + 0.5
+    if kind == "switch":
+        return not default
     if kind == "text":
         if key.secret:
             return SECRET_TEXT

@@ -399,7 +399,9 @@ def test_a_spike_fades_while_nobody_samples_the_server(clock) -> None:
     assert pool.choose(CHAT) is other  # shut out for now: nobody samples it...
     clock.advance(4 * 5.0)  # ...yet a few decay_s later its figure is back near its base
     assert spiked.expected_latency(CHAT) < 1.4 * normal
-    assert pool.choose(CHAT) is spiked
+    # Back in use: it takes most of the traffic again (not all: the two are within 1.2x,
+    # and near ties are shared, not swung to one server).
+    assert sum(pool.choose(CHAT) is spiked for _ in range(200)) > 100
     assert spiked.expected_latency(CHAT) < other.expected_latency(CHAT)
 
 

@@ -362,3 +362,35 @@ async def test_waiting_for_a_pooled_connection_is_not_server_latency(start_sim) 
     elapsed = time.perf_counter() - started
     slower = max(first.total_s, second.total_s)
     assert slower < 0.75 * elapsed, (first.total_s, second.total_s, elapsed)
+
+
+@pytest.mark.parametrize(("name", "hits", "queries", "usage", "capacity"), [
+    ("metrics-chat.txt", 0.0, 25.0, 0.0, 1048576.0),
+    ("metrics-chat-under-load.txt", 0.0, 1200.0, 0.03625930899768037, 1048576.0),
+    ("metrics-embedding.txt", 0.0, 0.0, 0.0, 0.0),  # enable_prefix_caching="False"
+])
+def test_metrics_fixtures_prefix_cache(name: str, hits: float, queries: float, usage: float,
+                                       capacity: float) -> None:
+    cache = parse_queue(_fixture(name)).cache
+    assert (cache.hits, cache.queries, cache.usage, cache.capacity_tokens) == \
+        (hits, queries, usage, capacity)
+
+
+def test_metrics_prefix_cache_older_names_and_engines() -> None:
+    text = "\n".join([
+        'vllm:num_requests_running{engine="0"} 1',
+        'vllm:gpu_prefix_cache_hits_total{engine="0"} 30',
+        'vllm:gpu_prefix_cache_hits_total{engine="1"} 10',
+        'vllm:gpu_prefix_cache_queries_total{engine="0"} 100',
+        'vllm:gpu_prefix_cache_queries_total{engine="1"} 60',
+        'vllm:gpu_cache_usage_perc{engine="0"} 0.2',
+        'vllm:gpu_cache_usage_perc{engine="1"} 0.4',
+        'vllm:cache_config_info{block_size="16",enable_prefix_caching="True",num_gpu_blocks="100"} 1',
+    ])
+    cache = parse_queue(text).cache
+    assert (cache.hits, cache.queries, cache.capacity_tokens) == (40, 160, 1600)
+    assert cache.usage == pytest.approx(0.3) and cache.hit_ratio == pytest.approx(0.25)
+    sglang = parse_queue("sglang:num_running_reqs 2\nsglang:token_usage 0.5\n"
+                         "sglang:max_total_num_tokens 50000\nsglang:cache_hit_rate 0.7\n").cache
+    assert (sglang.usage, sglang.capacity_tokens, sglang.hit_ratio) == (0.5, 50000, 0.7)
+    assert parse_queue('vllm:num_requests_running{engine="0"} 1').cache is None

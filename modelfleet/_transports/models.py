@@ -4,8 +4,26 @@ small surface of a response body that the readers use."""
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
+
+
+@dataclass(frozen=True)
+class CacheSample:
+    """The server's KV / prefix cache, as its /metrics reports it (None: not exported)."""
+
+    hits: float | None = None  # prompt tokens found in the prefix cache (a counter)
+    queries: float | None = None  # prompt tokens looked up in it (a counter)
+    usage: float | None = None  # fraction of the KV cache that running requests hold
+    capacity_tokens: float | None = None  # the KV cache's size in tokens; 0: prefix caching off
+    hit_rate: float | None = None  # SGLang's own gauge, where there are no counters
+
+    @property
+    def hit_ratio(self) -> float | None:
+        """Hits / queries since the server started (SGLang: its recent rate)."""
+        if self.hits is not None and self.queries:
+            return self.hits / self.queries
+        return self.hit_rate
 
 
 @dataclass(frozen=True)
@@ -14,6 +32,8 @@ class QueueSample:
 
     running: float
     waiting: float
+    # What it says of its prefix cache, if anything (not part of the queue's equality).
+    cache: CacheSample | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

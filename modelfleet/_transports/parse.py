@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 
 from modelfleet._exceptions import EngineFailure
-from modelfleet._transports.models import QueueSample
+from modelfleet._transports.models import CacheSample, QueueSample
 from modelfleet.errors import RequestRejected
 from modelfleet.routing import Failure
 
@@ -116,42 +116,88 @@ def classify_status(status: int, message: str, server: str,
 
 
 def parse_queue(metrics_text: str) -> QueueSample | None:
-    """Running and waiting requests from Prometheus text; None if the engine reports neither.
+    """Running and waiting requests from Prometheus text, with what it says of its prefix
+    cache (CacheSample); None if the engine reports neither running nor waiting.
 
-    A vLLM /metrics page is about 50 KB, almost all of it other metrics: each engine's
-    gauge prefix is looked for with `str.find` (at the start of a line: not in a HELP or
+    A vLLM /metrics page is about 50 KB, almost all of it other metrics: each wanted
+    metric's name is looked for with `str.find` (at the start of a line: not in a HELP or
     TYPE comment) and only those lines are read, tens of microseconds instead of the
     milliseconds a parse of every line took.
     """
     totals = {"running": 0.0, "waiting": 0.0}
     seen = False
-    for prefix in _QUEUE_PREFIXES:
+    cache: dict[str, list[float]] = {}
+    for name, field in _WANTED.items():
         start = 0
-        while (at := metrics_text.find(prefix, start)) != -1:
-            start = at + len(prefix)
+        while (at := metrics_text.find(name, start)) != -1:
+            start = at + len(name)
             if at and metrics_text[at - 1] != "\n":
                 continue  # inside a comment
-            sample = _QUEUE_SAMPLE.match(metrics_text, at)
+            sample = _SAMPLE_TAIL.match(metrics_text, start)
             if sample is None:
-                continue  # another metric of the engine
+                continue  # a longer name that starts with this one
+            if field == "config":
+                size = _cache_size(sample.group(1) or "")
+                if size is not None:
+                    cache.setdefault("capacity_tokens", []).append(size)
+                continue
             try:
                 value = float(sample.group(2) or "")
             except ValueError:
                 value = 0.0
-            totals[_QUEUE_GAUGES[sample.group(1)]] += value
-            seen = True
-    return QueueSample(**totals) if seen else None
+            if field in totals:
+                totals[field] += value
+                seen = True
+            else:
+                cache.setdefault(field, []).append(value)
+    if not seen:
+        return None
+    return QueueSample(**totals, cache=_cache_sample(cache))
 
 
-# Queue gauges of the engines we know (summed across label sets: engines, models).
-_QUEUE_GAUGES = {"vllm:num_requests_running": "running", "sglang:num_running_reqs": "running",
-                 "vllm:num_requests_waiting": "waiting", "sglang:num_queue_reqs": "waiting"}
-_QUEUE_PREFIXES = ("vllm:num_", "sglang:num_")  # what every gauge name above starts with
-# One sample line of a gauge: its name (group 1), labels (quoted values may hold spaces,
-# braces and escaped quotes), then the value (group 2; a timestamp may follow) or nothing.
-_QUEUE_SAMPLE = re.compile(
-    "(" + "|".join(map(re.escape, _QUEUE_GAUGES)) + ")"
-    r'(?:\{(?:[^"}\n]|"(?:[^"\\\n]|\\.)*")*\})?(?:[ \t]+([^ \t\r\n]+)|[ \t\r]*(?:\n|$))')
+def _cache_sample(found: dict[str, list[float]]) -> CacheSample | None:
+    """Counters and sizes add up across engines (data-parallel ranks); fractions average."""
+    if not found:
+        return None
+    figures = {field: (sum(values) / len(values) if field in ("usage", "hit_rate") else sum(values))
+               for field, values in found.items()}
+    return CacheSample(**figures)
+
+
+def _cache_size(labels_text: str) -> float | None:
+    """The KV cache's size in tokens from a `vllm:cache_config_info` sample's labels (0 when
+    prefix caching is off: nothing stays cached for another request)."""
+    labels = dict(_LABEL.findall(labels_text))
+    if labels.get("enable_prefix_caching") == "False":
+        return 0.0
+    try:
+        return float(labels["kv_cache_size_tokens"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return float(labels["num_gpu_blocks"]) * float(labels["block_size"])
+    except (KeyError, ValueError):
+        return None
+
+
+# What parse_queue reads from /metrics, by name -> field. Queue gauges (running, waiting)
+# are summed across label sets (engines, models); the prefix / KV cache figures go to a
+# CacheSample (older vLLM names beside the new ones); "config" is vLLM's cache_config_info.
+_WANTED = {
+    "vllm:num_requests_running": "running", "sglang:num_running_reqs": "running",
+    "vllm:num_requests_waiting": "waiting", "sglang:num_queue_reqs": "waiting",
+    "vllm:prefix_cache_hits_total": "hits", "vllm:gpu_prefix_cache_hits_total": "hits",
+    "vllm:prefix_cache_queries_total": "queries", "vllm:gpu_prefix_cache_queries_total": "queries",
+    "vllm:kv_cache_usage_perc": "usage", "vllm:gpu_cache_usage_perc": "usage",
+    "sglang:token_usage": "usage", "sglang:max_total_num_tokens": "capacity_tokens",
+    "sglang:cache_hit_rate": "hit_rate", "vllm:cache_config_info": "config",
+}
+# What follows a wanted name on its sample line: labels (group 1; quoted values may hold
+# spaces, braces and escaped quotes), then the value (group 2; a timestamp may follow) or
+# nothing. A name that goes on (`..._total_created`) does not match.
+_SAMPLE_TAIL = re.compile(
+    r'(?:\{((?:[^"}\n]|"(?:[^"\\\n]|\\.)*")*)\})?(?:[ \t]+([^ \t\r\n]+)|[ \t\r]*(?:\n|$))')
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 def decode_vector(value: str | Sequence[float]) -> list[float]:

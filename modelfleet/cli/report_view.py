@@ -32,12 +32,19 @@ def _count(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
+def _hits(row: ServerRow) -> str:
+    """The prefix-cache hit ratio: since the previous round under --watch, else overall."""
+    ratio = row.prefix_hit_ratio_recent if row.prefix_hit_ratio_recent is not None \
+        else row.prefix_hit_ratio
+    return "-" if ratio is None else f"{100 * ratio:.0f}%"
+
+
 WHY_WIDTH = 72  # a long error message is cut here; --json has it whole
 
 
 def format_table(report: FleetReport, *, colour: bool = False) -> str:
     """The report as an aligned table, one group of rows per model, and a verdict."""
-    header = ["MODEL", "  SERVER", "STATUS", "PROBE", "TTFT", "SPEED", "RUN", "WAIT", "WHY"]
+    header = ["MODEL", "  SERVER", "STATUS", "PROBE", "TTFT", "SPEED", "RUN", "WAIT", "HITS", "WHY"]
     lines: list[list[str]] = []
     for model in report.models:
         first = True
@@ -50,13 +57,13 @@ def format_table(report: FleetReport, *, colour: bool = False) -> str:
                 (paint("*", "bold", colour) if row.picked else " ") + " " + row.server,
                 paint(row.status, row.status, colour),
                 _ms(row.latency_s), _ms(row.ttft_s), _speed(row),
-                _count(row.running), _count(row.waiting),
+                _count(row.running), _count(row.waiting), _hits(row),
                 why,
             ])
             first = False
     widths = [max([len(h)] + [visible_len(line[i]) for line in lines])
               for i, h in enumerate(header)]
-    right = {3, 4, 5, 6, 7}  # numbers line up on the right
+    right = {3, 4, 5, 6, 7, 8}  # numbers line up on the right
 
     def render(cells: list[str]) -> str:
         out = []

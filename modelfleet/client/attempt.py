@@ -69,9 +69,10 @@ async def send_with_retries(route: Route, work: Work, affinity: str | None, send
                 endpoint.observe_failure(exc.failure, exc.reason, retry_after_s=exc.retry_after_s)
                 failed = exc
             else:
-                if answer:
+                if answer:  # (a stream's opening: its caller tells the pool and the endpoint)
                     endpoint.observe_success(ttft_s=value.ttft_s, total_s=value.total_s,
-                                             work=work, output_tokens=value.output_tokens)
+                                             work=pool.served(endpoint, work),
+                                             output_tokens=value.output_tokens)
                 return endpoint, value
         log.debug("%s failed on %s (%s): %s", route.spec.name, endpoint.address,
                   failed.failure.value, failed.reason)

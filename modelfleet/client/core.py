@@ -13,6 +13,7 @@ import logging
 import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from modelfleet._exceptions import EngineFailure
@@ -25,7 +26,9 @@ from modelfleet.client.types import ChatResult, ChatStream, EmbedResult, ModelSt
 from modelfleet.config import FleetConfig, ServerSpec, load_config
 from modelfleet.errors import NoServerAvailable, StreamInterrupted, UsageError
 from modelfleet.probe import apply_probe, benchmark_work, probe_server
-from modelfleet.routing import Failure, Health, Work
+from modelfleet.routing import Failure, Health, Work, prompt_blocks
+from modelfleet.routing.blocks import render_messages
+from modelfleet.routing.prefix_index import INDEX_BLOCK_TOKENS
 
 log = logging.getLogger("modelfleet.client")
 
@@ -66,27 +69,34 @@ class AsyncModelServer:
     # -- the API -----------------------------------------------------------
 
     async def chat(self, model: str, messages: Sequence[Mapping[str, Any]], *,
-                   affinity: str | None = None, **params: Any) -> ChatResult:
-        """A chat completion from the best server; extra keywords go to the server."""
+                   affinity: str | None = None, prefix_aware: bool = True,
+                   **params: Any) -> ChatResult:
+        """A chat completion from the best server; extra keywords go to the server.
+
+        `prefix_aware=False` routes this request as if its prompt shared nothing with
+        others (`routing.prefix_aware: false` does so for every request)."""
         route = self._ready_now(model, "chat") or await self._ready(model, "chat")
         body = {**params, "model": route.spec.wire_name, "messages": list(messages)}
         max_tokens = _max_tokens(params)
-        work = Work.for_chat(messages, max_tokens)
+        work = _with_blocks(route, Work.for_chat(messages, max_tokens), prefix_aware,
+                            messages=messages)
         return await self._generate(route, "/v1/chat/completions", body, work, affinity,
                                     whole=max_tokens is not None)
 
     async def complete(self, model: str, prompt: str, *, affinity: str | None = None,
-                       **params: Any) -> ChatResult:
+                       prefix_aware: bool = True, **params: Any) -> ChatResult:
         """A text completion (`/v1/completions`) of `prompt`."""
         route = self._ready_now(model, "chat") or await self._ready(model, "chat")
         body = {**params, "model": route.spec.wire_name, "prompt": prompt}
         max_tokens = _max_tokens(params)
-        work = Work.for_prompt(prompt if isinstance(prompt, str) else str(prompt), max_tokens)
+        text = prompt if isinstance(prompt, str) else str(prompt)
+        work = _with_blocks(route, Work.for_prompt(text, max_tokens), prefix_aware, prompt=text)
         return await self._generate(route, "/v1/completions", body, work, affinity,
                                     whole=max_tokens is not None)
 
     def chat_stream(self, model: str, messages: Sequence[Mapping[str, Any]], *,
-                    affinity: str | None = None, **params: Any) -> ChatStream:
+                    affinity: str | None = None, prefix_aware: bool = True,
+                    **params: Any) -> ChatStream:
         """Text deltas of a chat completion as they come (`async for piece in ...`).
 
         Moves to another server only before the first token; a break after it raises
@@ -94,14 +104,17 @@ class AsyncModelServer:
         cancellation) closes the connection, so the engine aborts the request.
         """
         progress = StreamProgress()
-        return ChatStream(progress, self._stream_chat(progress, model, messages, affinity, params))
+        return ChatStream(progress, self._stream_chat(progress, model, messages, affinity, params,
+                                                      prefix_aware))
 
     async def _stream_chat(self, progress: StreamProgress, model: str,
                            messages: Sequence[Mapping[str, Any]], affinity: str | None,
-                           params: dict[str, Any]) -> AsyncIterator[str]:
+                           params: dict[str, Any], prefix_aware: bool = True,
+                           ) -> AsyncIterator[str]:
         route = self._ready_now(model, "chat") or await self._ready(model, "chat")
         body = {**params, "model": route.spec.wire_name, "messages": list(messages)}
-        work = Work.for_chat(messages, _max_tokens(params))
+        work = _with_blocks(route, Work.for_chat(messages, _max_tokens(params)), prefix_aware,
+                            messages=messages)
         api_key = route.spec.api_key
         timeout_s = route.routing.request_timeout_s
         transport = self._transport
@@ -125,6 +138,7 @@ class AsyncModelServer:
             self._maybe_benchmark(route)
             raise
         progress.server, progress.tokens = endpoint.address, stream
+        work = route.pool.served(endpoint, work)  # its first token: the prompt is in its cache
         # The opening was one attempt under its own lease; the rest of the stream holds
         # another on the same endpoint, taken with no await in between.
         with endpoint.lease():
@@ -446,7 +460,17 @@ class AsyncModelServer:
                 endpoint.observe_failure(Failure.SERVER_ERROR, why)
             return
         if route.pool.endpoints.get(server.address) is endpoint:  # not removed meanwhile
-            apply_probe(endpoint, result)
+            apply_probe(endpoint, result, route.pool)
+
+
+def _with_blocks(route: Route, work: Work, prefix_aware: bool, *,
+                 messages: Sequence[Mapping[str, Any]] | None = None, prompt: str = "") -> Work:
+    """The work with its prompt's block hashes, when prefix-aware routing applies to it.
+    A prompt under one block is left alone before anything is rendered: it costs nothing."""
+    if work.prompt_tokens < INDEX_BLOCK_TOKENS or route.pool.prefix is None or not prefix_aware:
+        return work
+    blocks = prompt_blocks(render_messages(messages) if messages is not None else prompt)
+    return replace(work, blocks=blocks) if blocks else work
 
 
 def _max_tokens(params: Mapping[str, Any]) -> int | None:

@@ -6,7 +6,7 @@ import asyncio
 
 from modelfleet.client.retry import RetryState
 from modelfleet.config import ModelSpec, RoutingSpec, ServerSpec
-from modelfleet.routing import Pool, RetryBudget, make_policy
+from modelfleet.routing import Pool, PrefixIndex, RetryBudget, make_policy
 
 
 class Route:
@@ -23,7 +23,8 @@ class Route:
                          make_policy(routing.policy,
                                      latency_growing_rate=routing.latency_growing_rate,
                                      seed=seed),
-                         degrade_ratio=routing.latency_growing_rate)
+                         degrade_ratio=routing.latency_growing_rate,
+                         prefix=_prefix_index(spec, routing))
         self.budget = RetryBudget(ratio=routing.retry_budget_ratio,
                                   min_per_s=routing.retry_budget_min_per_s)
         self.first_probe: asyncio.Task[None] | None = None
@@ -43,6 +44,10 @@ class Route:
                 (self.routing.retry_budget_ratio, self.routing.retry_budget_min_per_s):
             self.budget = RetryBudget(ratio=routing.retry_budget_ratio,
                                       min_per_s=routing.retry_budget_min_per_s)
+        if _prefix_index(spec, routing) is None:
+            self.pool.prefix = None
+        elif self.pool.prefix is None:
+            self.pool.prefix = PrefixIndex()
         servers = {s.address: s for s in spec.servers}
         for address in self.servers.keys() - servers.keys():
             self.pool.remove(address)
@@ -51,3 +56,10 @@ class Route:
         self.spec, self.routing, self.servers = spec, routing, servers
         self.first_try = RetryState.first(routing.max_retry)
 
+
+
+def _prefix_index(spec: ModelSpec, routing: RoutingSpec) -> PrefixIndex | None:
+    """Prefix-aware routing for a chat model whose policy weighs it (peak_ewma)."""
+    if not routing.prefix_aware or spec.kind != "chat" or routing.policy != "peak_ewma":
+        return None
+    return PrefixIndex()

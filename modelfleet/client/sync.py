@@ -110,20 +110,24 @@ class ModelServer:
     # -- the API -----------------------------------------------------------
 
     def chat(self, model: str, messages: Sequence[Mapping[str, Any]], *,
-             affinity: str | None = None, **params: Any) -> ChatResult:
+             affinity: str | None = None, prefix_aware: bool = True, **params: Any) -> ChatResult:
         """See `AsyncModelServer.chat`."""
-        return self._call(lambda c: c.chat(model, messages, affinity=affinity, **params))
+        return self._call(lambda c: c.chat(model, messages, affinity=affinity,
+                                           prefix_aware=prefix_aware, **params))
 
     def complete(self, model: str, prompt: str, *, affinity: str | None = None,
-                 **params: Any) -> ChatResult:
+                 prefix_aware: bool = True, **params: Any) -> ChatResult:
         """See `AsyncModelServer.complete`."""
-        return self._call(lambda c: c.complete(model, prompt, affinity=affinity, **params))
+        return self._call(lambda c: c.complete(model, prompt, affinity=affinity,
+                                               prefix_aware=prefix_aware, **params))
 
     def chat_stream(self, model: str, messages: Sequence[Mapping[str, Any]], *,
-                    affinity: str | None = None, **params: Any) -> SyncChatStream:
+                    affinity: str | None = None, prefix_aware: bool = True,
+                    **params: Any) -> SyncChatStream:
         """See `AsyncModelServer.chat_stream`: a `SyncChatStream` of text deltas."""
         loop, core = self._running()
-        stream = core.chat_stream(model, messages, affinity=affinity, **params)
+        stream = core.chat_stream(model, messages, affinity=affinity, prefix_aware=prefix_aware,
+                                  **params)
         return SyncChatStream(stream, _pull(stream, loop))
 
     def embed(self, model: str, inputs: str | Sequence[str], *, as_numpy: bool = False,

@@ -170,6 +170,8 @@ class Reader(ValueReader):
                 self.problem(line, path, f"{wrong}, got {shown(result, path)}")
                 return INVALID
             return result
+        if kind == "switch":
+            return self.scalar(node, path, line, "bool")
         if kind == "indexes":
             result = self.int_list(node, path, line, key.what)
             if key.forbidden_when and result:

@@ -33,6 +33,7 @@ MESSAGE_KEYS = ("role", "content")
 # What a key's value is; the reader has one rule per kind.
 VALUE_KINDS = (
     "number", "integer", "text",  # scalars, range- or choice-checked
+    "switch",  # true or false
     "indexes",  # unique non-negative integers (gpus, cpus)
     "names",  # unique other names of the record (aliases)
     "argv",  # a program and its arguments
@@ -201,6 +202,8 @@ class RoutingSpec:
                                         help="retries as a fraction of recent requests")
     retry_budget_min_per_s: float = setting(10.0, kind="number", minimum=0,
                                             help="retries per second allowed whatever the traffic")
+    prefix_aware: bool = setting(True, kind="switch",
+                                 help="send prompts that share a prefix where it is likely cached")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ no asyncio, no HTTP; time comes from an injectable ``clock`` (default
 
 CONTRACT (the client and the wire layer rely on these names)
 
-    work.py      Work(kind, prompt_tokens, output_tokens=0)        frozen; kind "chat" | "embedding"
+    work.py      Work(kind, prompt_tokens, output_tokens=0, blocks=())  frozen; kind "chat" | "embedding"
                  Work.for_chat(messages, max_tokens=None), Work.for_prompt(prompt, max_tokens=None),
                  Work.for_embedding(inputs); estimate_tokens(text) -> int  (~len/4)
     rates.py     ServiceRates: the three peak EWMAs of one server (TTFT per prompt token,
@@ -22,27 +22,35 @@ CONTRACT (the client and the wire layer rely on these names)
                    .observe_success(*, ttft_s, total_s, work, output_tokens=None)
                    .observe_failure(failure, reason, *, retry_after_s=None)
                    .observe_queue(running, waiting)  from /metrics (None: unknown)
-                   .expected_latency(work) -> s      what policies compare
+                   .expected_latency(work, cached_tokens=0) -> s   what policies compare
                    .service_time(work) -> s | None   measured rates only, no load terms
                    .stall_deadline(*, floor_s, ceiling_s, work=None) -> s
                    .usable() -> bool ; .why_unusable() -> str | None ; .status()
     budget.py    RetryBudget(ratio=0.2, min_per_s=10.0, ttl_s=10.0, clock)
                    .deposit() per original request; .try_withdraw() -> bool per retry; .balance()
-    policies     PeakEwma(seed) peak_ewma.py, Fastest(rate) fastest.py, LeastLoaded()
+    prefix_index.py  PrefixIndex(max_entries=65536): per model, which prompt blocks each server
+                 likely still holds; .cached_tokens(address, blocks) .record(address, blocks, *,
+                 prompt_tokens, output_tokens) .observe_metrics(address, *, hits, queries, usage,
+                 capacity_tokens); prompt_blocks(text) -> the blocks to put on Work.blocks
+    policies     PeakEwma(seed) peak_ewma.py (prefix-aware: takes the PrefixIndex), Fastest(rate) fastest.py, LeastLoaded()
                  least_loaded.py, RoundRobin() round_robin.py, RandomChoice(seed) random_choice.py;
                  each has pick(endpoints, work) -> Endpoint (Fastest also wants_benchmark()).
     policy.py    Policy (Protocol); make_policy(name, *, latency_growing_rate=2.0, seed=None)
-    pool.py      Pool(addresses, policy, *, clock, decay_s=5.0, degrade_ratio=2.0)
+    pool.py      Pool(addresses, policy, *, clock, decay_s=5.0, degrade_ratio=2.0, prefix=None)
                    .endpoints: dict[address, Endpoint]
                    .choose(work, *, exclude=(), affinity=None) -> Endpoint | None
                    .reasons() -> {address: why not usable}   (usable ones left out)
                    .status() -> [EndpointStatus] ; .add(address) ; .remove(address)
+                   .served(endpoint, work) -> Work   after a success: the index learns where the
+                                                     prompt went; returns the work less its cached
+                                                     prompt tokens (observe_success with that)
+                   .observe_cache(address, *, hits, queries, usage, capacity_tokens)  /metrics
                    .wants_benchmark() -> bool   (True once each time the policy asks; the
                                                  client runs one benchmark at a time)
 
 HOW THE CLIENT USES IT, per request::
 
-    work = Work.for_chat(messages, max_tokens)
+    work = Work.for_chat(messages, max_tokens)           # + blocks=prompt_blocks(rendered prompt)
     budget.deposit()
     tried = set()
     for attempt in range(max_retry):
@@ -51,7 +59,7 @@ HOW THE CLIENT USES IT, per request::
         if ep is None: break
         deadline = ep.stall_deadline(floor_s=stall_timeout_s, ceiling_s=request_timeout_s, work=work)
         with ep.lease():                                         # at once, before any await
-            ... on success: ep.observe_success(ttft_s=..., total_s=..., work=work,
+            ... on success: ep.observe_success(ttft_s=..., total_s=..., work=pool.served(ep, work),
                                                output_tokens=usage.completion_tokens)
             ... on failure: ep.observe_failure(Failure.X, "HTTP 500: ...", retry_after_s=...)
         tried.add(ep.address)
@@ -80,6 +88,7 @@ from modelfleet.routing.least_loaded import LeastLoaded
 from modelfleet.routing.peak_ewma import PeakEwma
 from modelfleet.routing.policy import Policy, make_policy
 from modelfleet.routing.pool import Pool
+from modelfleet.routing.prefix_index import PrefixIndex, prompt_blocks
 from modelfleet.routing.random_choice import RandomChoice
 from modelfleet.routing.round_robin import RoundRobin
 from modelfleet.routing.work import Work, estimate_tokens
@@ -95,10 +104,12 @@ __all__ = [
     "PeakEwma",
     "Policy",
     "Pool",
+    "PrefixIndex",
     "RandomChoice",
     "RetryBudget",
     "RoundRobin",
     "Work",
     "estimate_tokens",
     "make_policy",
+    "prompt_blocks",
 ]

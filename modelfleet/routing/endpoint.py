@@ -260,8 +260,9 @@ class Endpoint:
 
     # -- estimates ---------------------------------------------------------
 
-    def expected_latency(self, work: Work) -> float:
-        """Seconds this request would take here now.
+    def expected_latency(self, work: Work, cached_tokens: int = 0) -> float:
+        """Seconds this request would take here now; `cached_tokens` of its prompt are
+        likely in this server's prefix cache, so its prefill skips them.
 
         The measured rates already carry the server's present batch, so load only
         adds (a) the wait behind its queue: each waiting request costs about one
@@ -269,6 +270,8 @@ class Endpoint:
         5 % per request in flight from here. Recent 5xx multiply it by 1 + (fading
         count). Never latency x (in_flight + 1): an idle slow server would win.
         """
+        if cached_tokens:
+            work = Work(work.kind, max(work.prompt_tokens - cached_tokens, 0), work.output_tokens)
         _, service = service_seconds(work, self._rates_with_prior(work))
         return (service + self._queue_wait(service)) * self._load_factor(self._clock())
 

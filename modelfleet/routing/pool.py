@@ -4,7 +4,9 @@
 already tried for this request), lets the policy pick among those, and keeps
 an affinity key on its server while that server stays usable and within
 AFFINITY_SLACK of the best expected latency (an LRU of pins: a key moves
-only when its server goes bad, which is what prefix caches need).
+only when its server goes bad, which is what prefix caches need). With a
+`PrefixIndex`, a request whose prompt has blocks goes to a prefix-aware policy
+with the index, and `served` tells the index where each prompt went.
 
 It never ejects the whole pool: when nothing is usable, it returns the
 paused server that resumes first, else the server that went down earliest
@@ -20,6 +22,7 @@ from collections.abc import Callable, Collection, Sequence
 
 from modelfleet.routing.endpoint import Endpoint, EndpointStatus, Health
 from modelfleet.routing.policy import Policy
+from modelfleet.routing.prefix_index import PrefixIndex
 from modelfleet.routing.work import Work
 
 AFFINITY_SLACK = 1.5  # a pinned server may be this much slower than the best before the key moves
@@ -38,8 +41,10 @@ class Pool:
         decay_s: float = 5.0,
         degrade_ratio: float = 2.0,
         affinity_keys: int = AFFINITY_KEYS,
+        prefix: PrefixIndex | None = None,
     ) -> None:
         self.policy = policy
+        self.prefix = prefix  # what each server likely holds in its prefix cache (None: off)
         self.endpoints: dict[str, Endpoint] = {}
         self._clock = clock
         self._decay_s = decay_s
@@ -57,8 +62,29 @@ class Pool:
         if not usable:
             return min(open_, key=_soonest_back, default=None)
         if affinity is None:
-            return self.policy.pick(usable, work)
+            return self._pick(usable, work)
         return self._pinned(affinity, usable, work)
+
+    def served(self, endpoint: Endpoint, work: Work) -> Work:
+        """`endpoint` has taken `work` (answered, or sent its first token): its prefix
+        cache now holds the prompt. Returns the work as that server saw it, its prompt
+        less what it likely had cached, to learn its speed from (a cache hit must not
+        make its prefill look fast)."""
+        if not work.blocks or self.prefix is None:
+            return work
+        cached = self.prefix.record(endpoint.address, work.blocks, prompt_tokens=work.prompt_tokens,
+                                    output_tokens=work.output_tokens)
+        if not cached:
+            return work
+        return Work(work.kind, max(work.prompt_tokens - cached, 0), work.output_tokens)
+
+    def observe_cache(self, address: str, *, hits: float | None = None,
+                      queries: float | None = None, usage: float | None = None,
+                      capacity_tokens: float | None = None) -> None:
+        """A /metrics scrape's prefix-cache figures for one server (PrefixIndex.observe_metrics)."""
+        if self.prefix is not None and address in self.endpoints:
+            self.prefix.observe_metrics(address, hits=hits, queries=queries, usage=usage,
+                                        capacity_tokens=capacity_tokens)
 
     def reasons(self) -> dict[str, str]:
         """Why each endpoint that is not usable now is not (usable ones are left out)."""
@@ -84,6 +110,8 @@ class Pool:
         """No new request goes to it; requests already on it hold their Endpoint and
         finish there (begin/end on a removed Endpoint are harmless): it drains."""
         self.endpoints.pop(address, None)
+        if self.prefix is not None:
+            self.prefix.forget(address)
         for key in [k for k, a in self._pins.items() if a == address]:
             del self._pins[key]
 
@@ -99,12 +127,17 @@ class Pool:
             if pinned.expected_latency(work) <= AFFINITY_SLACK * best:
                 self._pins.move_to_end(key)
                 return pinned
-        choice = self.policy.pick(usable, work)
+        choice = self._pick(usable, work)
         self._pins[key] = choice.address
         self._pins.move_to_end(key)
         if len(self._pins) > self._max_pins:
             self._pins.popitem(last=False)
         return choice
+
+    def _pick(self, usable: list[Endpoint], work: Work) -> Endpoint:
+        if work.blocks and self.prefix is not None and getattr(self.policy, "prefix_aware", False):
+            return self.policy.pick(usable, work, self.prefix)  # type: ignore[call-arg]
+        return self.policy.pick(usable, work)
 
 
 def _soonest_back(endpoint: Endpoint) -> tuple[int, float]:

@@ -10,7 +10,7 @@ tokenizer per model would cost more than the routing it improves.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 CHARS_PER_TOKEN = 4
@@ -30,6 +30,9 @@ class Work:
     kind: str  # "chat" (chat and completions) | "embedding"
     prompt_tokens: int  # estimated input tokens (chat prompt, or all embedding inputs)
     output_tokens: int = 0  # expected output tokens (max_tokens, or a default)
+    # Chained hashes of the prompt's blocks (routing/prefix_index.py), for prefix-aware
+    # routing; empty when the prompt is shorter than one block or prefix awareness is off.
+    blocks: tuple[int, ...] = field(default=(), repr=False)
 
     @classmethod
     def for_chat(cls, messages: Iterable[Mapping[str, Any]], max_tokens: int | None = None) -> Work:
