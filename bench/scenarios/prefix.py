@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import math
 import queue
 import time
 from collections.abc import Sequence
@@ -202,7 +203,9 @@ async def _run_clients(ctx: Context, fleet: SimFleet, shape: Shape, variant: str
             samples += got
             if error:
                 failures.append(f"process {worker}: {error}")
-        wall = duration if duration is not None and requests is None else time.perf_counter() - started
+        wall = time.perf_counter() - started
+        if duration is not None and requests is None:
+            wall = duration  # the box, as for one client (the processes' cut-off)
         after = await counters(fleet)
     except queue.Empty:
         failures.append(f"a client process did not report within {START_TIMEOUT_S:.0f}s")
@@ -265,7 +268,7 @@ async def run(ctx: Context) -> Outcome:
             if got is not None:
                 runs[variant][name] = got
         _tabulate(outcome, variant, runs[variant])
-    outcome.tables.append(_targets(runs))
+    outcome.tables.append(_targets(outcome, runs))
     return outcome
 
 
@@ -274,7 +277,8 @@ def _tabulate(outcome: Outcome, variant: str, runs: dict[str, Run]) -> None:
     rr = runs.get(ROUND_ROBIN)
     oracle = runs.get(ORACLE)
     nan = float("nan")
-    table = Table(f"prefix, {'one hot prefix (80% of conversations)' if variant == 'hot' else 'shared prefixes'}",
+    workload = "one hot prefix (80% of conversations)" if variant == "hot" else "shared prefixes"
+    table = Table(f"prefix, {workload}",
                   ["contender", "requests", "TTFT p50 ms", "p90 ms", "p99 ms", "output tok/s",
                    "hit ratio", "share per server", "errors", "p90 / noprefix",
                    "p90 / round_robin", "p99 / round_robin", "tok/s / round_robin",
@@ -312,7 +316,7 @@ def _tabulate(outcome: Outcome, variant: str, runs: dict[str, Run]) -> None:
         {name: f"hit {pct(r.hit_ratio)}" for name, r in runs.items()})
 
 
-def _targets(runs: dict[str, dict[str, Run]]) -> Table:
+def _targets(outcome: Outcome, runs: dict[str, dict[str, Run]]) -> Table:
     """The issue's targets, each as a ratio measured in this run, beside what it must be."""
     nan = float("nan")
 
@@ -341,10 +345,15 @@ def _targets(runs: dict[str, dict[str, Run]]) -> Table:
                   ["target", "workload", "contender", "baseline", "measured", "needed", "met"])
     for label, variant, what, name, base, op, bound, extra in rows:
         value = ratio(metric(variant, name, what), metric(variant, base, what))
-        met = "—" if value != value else ("yes" if (value <= bound if op == "<=" else value >= bound)
-                                         else "no")
+        if math.isnan(value):
+            met = "—"
+        else:
+            met = "yes" if (value <= bound if op == "<=" else value >= bound) else "no"
         table.rows.append([label + (" (beyond the issue)" if extra else ""), variant, name, base,
                            times(value), f"{op} {bound:g}x", met])
+        outcome.data.setdefault("targets", []).append(
+            {"target": label, "workload": variant, "contender": name, "baseline": base,
+             "ratio": value, "needed": f"{op} {bound:g}", "met": None if met == "—" else met == "yes"})
     table.notes.append(f"—: a contender of the ratio did not run (skipped: see the notes). "
                        f"{PREFIX_ON} needs the `prefix_aware` routing key (issue 13).")
     return table
