@@ -76,7 +76,7 @@ def system_prompt(seed: int, group: int, words: int) -> str:
             + " ".join(rng.choice(WORDS) for _ in range(words)))
 
 
-@lru_cache(maxsize=8192)
+@lru_cache(maxsize=16384)
 def conversation(shape: Shape, seed: int, index: int) -> list[Turn]:
     """Conversation `index`: its group and its turns, each with the sim's answer known
     (cached: every contender sends the same conversations, and building one costs ~3 ms)."""
