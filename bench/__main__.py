@@ -4,6 +4,7 @@
     python -m bench --quick                  # a smaller version of everything (under 3 minutes)
     python -m bench --scenario overhead --contenders raw,modelfleet:peak_ewma
     python -m bench --scenario cpu --loop asyncio,uvloop
+    python -m bench --scenario prefix --duration 5    # prefix-aware routing, 5 s per run
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from bench import fleet, report
-from bench.contenders import ALL, FAMILIES, Tuning, expand
+from bench.contenders import EVERY, FAMILIES, PREFIX, PREFIX_ONLY, Tuning, expand
 from bench.cpu_client import LOOPS
 from bench.progress import Progress
 from bench.scenarios import NAMES, runner
@@ -39,9 +40,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"run only these scenarios: {', '.join(NAMES)}")
     p.add_argument("--contenders", metavar="NAME,...",
                    help=f"contenders or families, comma-separated: {', '.join(FAMILIES)}, or any "
-                        f"of {', '.join(ALL)} (default: all; with --quick: {QUICK_CONTENDERS})")
+                        f"of {', '.join(EVERY)} (default: all; with --quick: {QUICK_CONTENDERS}, "
+                        f"and the prefix scenario's own line-up)")
     p.add_argument("--requests", type=int, metavar="N",
                    help="send exactly N requests per contender and run (tiny runs for tests)")
+    p.add_argument("--duration", type=float, metavar="SECONDS",
+                   help="seconds each contender runs in the time-boxed scenarios (prefix; "
+                        "default 15, with --quick 4)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
                    help="where results.md, results.json, the plots and the sims' logs go "
@@ -58,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(str(exc))
     if not args.contender_names:
         p.error("--contenders named no contender")
+    # The prefix scenario's own contenders run there only; it runs its whole line-up unless
+    # --contenders says otherwise (--quick shortens its runs instead).
+    args.prefix_contenders = [n for n in PREFIX if n in expand(args.contenders or "all")]
+    args.contender_names = [n for n in args.contender_names if n not in PREFIX_ONLY]
+    if args.duration is not None and not args.duration > 0:
+        p.error(f"--duration must be > 0 seconds, got {args.duration:g}")
     args.loops = tuple(dict.fromkeys(n.strip() for n in args.loop.split(",") if n.strip()))
     if not args.loops or any(n not in LOOPS for n in args.loops):
         p.error(f"--loop: use {' and/or '.join(LOOPS)}, comma-separated; got {args.loop!r}")
@@ -68,8 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def run_all(args: argparse.Namespace, progress: Progress) -> tuple[list[Outcome], Context]:
     ctx = Context(out_dir=args.out, contenders=args.contender_names,
-                  scale=Scale(quick=args.quick, requests=args.requests), seed=args.seed,
-                  progress=progress, tuning=Tuning(), loops=args.loops)
+                  scale=Scale(quick=args.quick, requests=args.requests, duration=args.duration),
+                  seed=args.seed, progress=progress, tuning=Tuning(), loops=args.loops,
+                  prefix_contenders=args.prefix_contenders)
     # SIGTERM cancels the run like Ctrl-C does, so every fleet's `async with` stops its sims.
     main_task = asyncio.current_task()
     assert main_task is not None
@@ -98,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["loadavg_end"] = report.machine()["loadavg_1_5_15"]
     meta["notes"] = list(ctx.notes)
     meta["contenders"] = args.contender_names
+    meta["prefix_contenders"] = args.prefix_contenders
     meta["sim_servers"] = fleet.started_addresses()
     paths = report.write(outcomes, meta, args.out, plots=not args.no_plots)
     print(report.markdown(outcomes, meta))

@@ -32,12 +32,26 @@ def started_addresses() -> list[str]:
 
 @dataclass(frozen=True)
 class ServerPlan:
-    """How to start one sim: its model, kind and `modelfleet sim` flags (speed, dim, ...)."""
+    """How to start one sim: its model, kind and `modelfleet sim` flags (speed, dim, ...).
+
+    The KV cache fields are the sim's (`--kv-cache-tokens`, `--no-prefix-caching`,
+    `--max-num-batched-tokens`): unset, a sim has no prefix cache and runs each prefill on
+    its own, as every scenario before `prefix` assumes.
+    """
 
     model: str
     kind: str = "chat"
     speed: float = 1.0
     flags: Mapping[str, Any] = field(default_factory=dict)
+    kv_cache_tokens: int | None = None  # estimated tokens (about four characters each)
+    prefix_caching: bool = True  # with kv_cache_tokens only, as in the sim
+    max_num_batched_tokens: int | None = None  # prompt tokens one engine step computes at most
+
+    def sim_flags(self) -> dict[str, Any]:
+        """Every `modelfleet sim` flag of this plan, by name (None and False: left out)."""
+        return {"speed": self.speed, "kv_cache_tokens": self.kv_cache_tokens,
+                "no_prefix_caching": not self.prefix_caching,
+                "max_num_batched_tokens": self.max_num_batched_tokens, **self.flags}
 
     def argv(self, port: int) -> list[str] | None:
         """Another server's command line (the cpu scenario's canned server); None: the sim."""
@@ -49,7 +63,7 @@ class SimServer(SimProcess):
 
     def __init__(self, plan: ServerPlan, port: int, log_path: Path) -> None:
         super().__init__(port, plan.model, plan.kind, host=HOST,
-                         flags={"speed": plan.speed, **plan.flags}, log_path=log_path)
+                         flags=plan.sim_flags(), log_path=log_path)
         self.argv = plan.argv(port) or self.argv
         self.plan = plan
 

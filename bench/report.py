@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench.scenarios.base import Outcome, Table, Traffic
+from bench.scenarios.base import Bars, Outcome, Table, Traffic
 
 
 def machine() -> dict[str, Any]:
@@ -127,6 +127,9 @@ def draw(outcomes: Sequence[Outcome], out_dir: Path, meta: dict[str, Any]) -> li
         for name, traffic in outcome.traffic.items():
             if any(traffic.by_contender.values()):
                 paths.append(_share(plt, name, traffic, out_dir / f"share-{name}.png"))
+        for name, bars in outcome.bars.items():
+            if any(bars.by_contender.values()):
+                paths.append(_bars(plt, bars, out_dir / f"{name}.png"))
     return paths
 
 
@@ -191,6 +194,35 @@ def _share(plt: Any, name: str, traffic: Traffic, path: Path) -> Path:
     shaded = "; shaded: " + ", ".join(w[2] for w in traffic.windows) if traffic.windows else ""
     fig.suptitle(f"{name}: share of requests sent to {traffic.highlight} (dotted: fair share"
                  f"{shaded})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _bars(plt: Any, bars: Bars, path: Path) -> Path:
+    """One horizontal bar per contender, cut into each server's share of its traffic: an even
+    split is four equal parts, a pile-up one long part."""
+    series = {c: v for c, v in bars.by_contender.items() if v}
+    fig, ax = plt.subplots(figsize=(9, 0.5 * len(series) + 1.6))
+    colours = plt.get_cmap("tab10").colors
+    for row, (contender, shares) in enumerate(series.items()):
+        left = 0.0
+        for i, part in enumerate(shares):
+            ax.barh(row, part * 100, left=left, color=colours[i % len(colours)],
+                    edgecolor="white", height=0.7)
+            if part >= 0.06:
+                ax.text(left + part * 50, row, f"{part * 100:.0f}", ha="center", va="center",
+                        fontsize=7, color="white")
+            left += part * 100
+        label = bars.labels.get(contender)
+        if label:
+            ax.text(101, row, label, va="center", fontsize=8)
+    ax.set_yticks(range(len(series)), list(series), fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 118)
+    ax.set_xlabel("% of requests (each colour one server, busiest first)")
+    ax.set_title(bars.title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -8,6 +8,7 @@ no matplotlib (--no-plots), no LiteLLM (built-in contenders only).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,7 +17,10 @@ import socket
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT
+
+from modelfleet.config import RoutingSpec
 
 CONTENDERS = "raw-aiohttp,modelfleet:peak_ewma"
 
@@ -128,3 +132,33 @@ def test_ctrl_c_stops_every_sim(tmp_path):
         proc.stderr.close()
     assert proc.returncode == 130
     assert all(refuses(a) for a in addresses), addresses
+
+
+def test_prefix_scenario_tiny_run(tmp_path):
+    """Both workloads, the oracle that mirrors the sims' caches, the hash baseline and the
+    prefix-aware client (skipped, saying why, where this modelfleet lacks the routing key)."""
+    out = tmp_path / "results"
+    names = ["oracle", "prefix-hash", "modelfleet:peak_ewma+prefix",
+             "modelfleet:peak_ewma+prefix/8-clients"]
+    proc = run_bench("--scenario", "prefix", "--no-plots", "--contenders", ",".join(names),
+                     "--requests", "16", "--out", str(out), timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    prefix_aware = any(f.name == "prefix_aware" for f in dataclasses.fields(RoutingSpec))
+    ran = names if prefix_aware else names[:2]
+    doc = json.loads((out / "results.json").read_text())
+    results = doc["scenarios"]["prefix"]["results"]
+    for variant in ("shared", "hot"):
+        assert set(results[variant]) == set(ran), (variant, results[variant])
+        for name in ran:
+            row = results[variant][name]
+            assert row["requests"] == 16 and row["errors"] == 0, (variant, name, row)
+            assert row["query_tokens"] > 0 and 0 <= row["hit_ratio"] <= 1, (variant, name, row)
+            assert sum(row["shares"]) == pytest.approx(1), (variant, name, row)
+            assert f"| {name} | 16 |" in proc.stdout, (name, proc.stdout)
+    assert "| hot prefix: TTFT p99 vs round_robin | hot |" in proc.stdout
+    if not prefix_aware:
+        assert any("modelfleet:peak_ewma+prefix: skipped" in n and "prefix_aware" in n
+                   for n in doc["notes"]), doc["notes"]
+    # Fresh sims for every run, and every one of them stopped.
+    assert len(doc["sim_servers"]) == 4 * 2 * len(ran), doc["sim_servers"]
+    assert all(refuses(a) for a in doc["sim_servers"]), doc["sim_servers"]

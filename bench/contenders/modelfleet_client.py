@@ -2,11 +2,13 @@
 
 The client is built from a FleetConfig in code, exactly as a user embedding modelfleet would,
 with the bench's shared timeouts (scaled to the sims' compressed time, the same numbers
-LiteLLM gets).
+LiteLLM gets). `prefix_aware` sets the routing key of that name where this modelfleet has it
+(issue 13); asked for prefix awareness where it has not, the contender is Unavailable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from bench.contenders.base import Contender, Reply, Target, Unavailable
@@ -26,15 +28,32 @@ def _client_class() -> type:
     return AsyncModelServer
 
 
+def knows_prefix_aware() -> bool:
+    """Whether this modelfleet's routing settings have the `prefix_aware` key (issue 13)."""
+    from modelfleet.config import RoutingSpec
+
+    return any(f.name == "prefix_aware" for f in dataclasses.fields(RoutingSpec))
+
+
 class ModelfleetClient(Contender):
     family = "modelfleet"
 
-    def __init__(self, policy: str) -> None:
+    def __init__(self, policy: str, *, prefix_aware: bool | None = None,
+                 name: str | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         self.policy = policy
-        self.name = f"modelfleet:{policy}"
+        self.name = name or f"modelfleet:{policy}"
         self._cls = _client_class()
+        self._routing_extra: dict[str, bool] = {}
+        if prefix_aware is not None:
+            if knows_prefix_aware():
+                self._routing_extra["prefix_aware"] = prefix_aware
+            elif prefix_aware:
+                raise Unavailable("this modelfleet has no `routing: {prefix_aware: ...}` key: "
+                                  "prefix-aware routing (issue 13, branch `prefix`) is not "
+                                  "merged here yet")
+            # prefix_aware=False where the key is unknown: routing is prefix-blind anyway
         self._client = None
         self._model = ""
 
@@ -50,7 +69,7 @@ class ModelfleetClient(Contender):
             routing=RoutingSpec(policy=self.policy, max_retry=t.max_retry,
                                 request_timeout_s=t.request_timeout_s,
                                 probe_interval_s=t.probe_interval_s,
-                                stall_timeout_s=t.stall_timeout_s))
+                                stall_timeout_s=t.stall_timeout_s, **self._routing_extra))
         self._model = target.model
         self._client = self._cls(config=config)
         enter = getattr(self._client, "__aenter__", None)

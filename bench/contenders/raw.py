@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Callable
 
 import aiohttp
 
@@ -51,7 +52,9 @@ class RawAiohttp(Contender):
             raise ValueError("no choices in the reply")
         return Reply(server)
 
-    async def chat_stream_to(self, server: str, call: ChatCall) -> Reply:
+    async def chat_stream_to(self, server: str, call: ChatCall,
+                             on_first: Callable[[], None] | None = None) -> Reply:
+        """Stream from `server`; `on_first` is called as the first text arrives."""
         assert self._session is not None
         body = {"model": self._model, "messages": call.messages, "max_tokens": call.max_tokens,
                 "stream": True}
@@ -65,6 +68,8 @@ class RawAiohttp(Contender):
                 chunk = json.loads(line[6:])
                 if ttft is None and chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                     ttft = time.perf_counter() - start
+                    if on_first is not None:
+                        on_first()
         return Reply(server, ttft)
 
     async def embed(self, texts: list[str], encoding: str | None = None) -> Reply:

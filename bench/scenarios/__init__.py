@@ -7,7 +7,8 @@ from collections.abc import Awaitable, Callable
 
 from bench.scenarios.base import Context, Outcome
 
-NAMES = ("heterogeneous", "degrade", "failures", "herd", "overhead", "cpu", "embeddings")
+NAMES = ("heterogeneous", "degrade", "failures", "herd", "overhead", "cpu", "embeddings",
+         "prefix")
 
 
 def runner(name: str) -> Callable[[Context], Awaitable[Outcome]]:

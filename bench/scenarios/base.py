@@ -30,6 +30,7 @@ class Scale:
 
     quick: bool = False
     requests: int | None = None
+    duration: float | None = None  # --duration: seconds per run of a time-boxed scenario
 
     def n(self, full: int, quick: int) -> int:
         if self.requests is not None:
@@ -39,6 +40,15 @@ class Scale:
     def seconds(self, full: float, quick: float) -> float:
         if self.requests is not None:  # a fixed count means "as short as possible"
             return min(quick, 2.0)
+        return quick if self.quick else full
+
+    def box(self, full: float, quick: float) -> float | None:
+        """A time-boxed run's length: --duration, else full or quick; None with --requests
+        (then the run ends after exactly that many requests)."""
+        if self.duration is not None:
+            return self.duration
+        if self.requests is not None:
+            return None
         return quick if self.quick else full
 
 
@@ -51,6 +61,7 @@ class Context:
     progress: Progress
     tuning: Tuning = Tuning()
     loops: tuple[str, ...] = ("asyncio",)  # event loops of the cpu scenario's client processes
+    prefix_contenders: list[str] = field(default_factory=list)  # the prefix scenario's line-up
     notes: list[str] = field(default_factory=list)  # skipped contenders and why
 
     def fleet(self, plans: Sequence[ServerPlan]) -> SimFleet:
@@ -91,6 +102,15 @@ class Traffic:
 
 
 @dataclass
+class Bars:
+    """Stacked shares per contender (each server's part of the traffic), with a label each."""
+
+    title: str
+    by_contender: dict[str, list[float]] = field(default_factory=dict)  # fractions, stacked
+    labels: dict[str, str] = field(default_factory=dict)  # written at the bar's right end
+
+
+@dataclass
 class Outcome:
     scenario: str
     setup: str  # one paragraph: the fleet, the load, the fault
@@ -98,6 +118,7 @@ class Outcome:
     data: dict[str, Any] = field(default_factory=dict)  # machine-readable results (JSON)
     cdfs: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # plot -> contender -> s
     traffic: dict[str, Traffic] = field(default_factory=dict)
+    bars: dict[str, Bars] = field(default_factory=dict)  # plot name -> stacked shares
     notes: list[str] = field(default_factory=list)
 
 
