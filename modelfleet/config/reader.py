@@ -242,12 +242,18 @@ class Reader(ValueReader):
             self.alias_lines.setdefault(record_name, []).append((alias, item_line, item_path))
         return tuple(result)
 
-    def argv(self, key: Key, node: Any, path: str, line: int | None, record_name: str) -> Any:
+    def filled_items(self, key: Key, node: Any, path: str, line: int | None,
+                     ) -> list[tuple[Any, int | None, str]] | None:
+        """A list's items, or None once it is reported as not a list or as empty."""
         entries = self.items(node, path, line)
-        if entries is None:
-            return INVALID
-        if not entries:
+        if entries is not None and not entries:
             self.problem(line, path, key.empty)
+            return None
+        return entries
+
+    def argv(self, key: Key, node: Any, path: str, line: int | None, record_name: str) -> Any:
+        entries = self.filled_items(key, node, path, line)
+        if entries is None:
             return INVALID
         argv = [self.scalar(item, item_path, item_line, "str") for item, item_line, item_path in entries]
         return INVALID if INVALID in argv else tuple(argv)
@@ -295,11 +301,8 @@ class Reader(ValueReader):
         return result
 
     def messages(self, key: Key, node: Any, path: str, line: int | None, record_name: str) -> Any:
-        entries = self.items(node, path, line)
+        entries = self.filled_items(key, node, path, line)
         if entries is None:
-            return INVALID
-        if not entries:
-            self.problem(line, path, key.empty)
             return INVALID
         result = []
         for item, item_line, item_path in entries:
