@@ -14,7 +14,6 @@ import json
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import openai
 import pytest
