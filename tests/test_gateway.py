@@ -157,6 +157,29 @@ def test_models_lists_models_and_aliases(gateway: GatewayProcess) -> None:
     assert {"chat", "small", "slow", "emb", "dead"} <= set(listed)
 
 
+def test_a_failing_server_is_routed_around_before_the_first_byte(
+        gateway: GatewayProcess, sims: dict[str, SimProcess]) -> None:
+    api = client(gateway)
+    sims["chat-a"].fault(error_rate=1.0, error_status=503)
+    before = len(gateway.output())
+    deadline = time.monotonic() + 15
+    try:
+        # Until a request met chat-a first (and moved on): each succeeds all the same.
+        while "attempts=2" not in gateway.output()[before:]:
+            assert time.monotonic() < deadline, "no request was ever sent to chat-a"
+            pieces = [c.choices[0].delta.content or "" for c in api.chat.completions.create(
+                model="chat", max_tokens=4, stream=True,
+                messages=[{"role": "user", "content": "hi"}]) if c.choices]
+            assert "".join(pieces).strip()
+            whole = api.chat.completions.create(model="chat", max_tokens=4,
+                                                messages=[{"role": "user", "content": "hi"}])
+            assert whole.choices[0].message.content
+    finally:
+        sims["chat-a"].fault(reset=True)
+    log = gateway.output()[before:]
+    assert f"server=127.0.0.1:{sims['chat-a'].port} status=200" not in log
+
+
 # -- errors in OpenAI's shape -----------------------------------------------------------------
 
 def test_without_a_valid_key_the_answer_is_401(gateway: GatewayProcess) -> None:

@@ -80,10 +80,10 @@ def setup_logging(access_log: bool) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s",
                                            "%Y-%m-%d %H:%M:%S"))
-    for name in ("modelfleet.gateway", "modelfleet.client"):
+    for name, level in (("modelfleet.gateway", logging.INFO), ("modelfleet", logging.WARNING)):
         logger = logging.getLogger(name)
         logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
+        logger.setLevel(level)
         logger.propagate = False
     if not access_log:
         logging.getLogger("modelfleet.gateway.access").setLevel(logging.WARNING)
