@@ -254,3 +254,79 @@ class SimProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+
+
+# --------------------------------------------------------------------------------------------
+# `modelfleet gateway` as a subprocess.
+# --------------------------------------------------------------------------------------------
+
+class GatewayProcess:
+    """`modelfleet gateway -c FILE --port PORT ...` on loopback, always stopped.
+
+    Its own process group (as SimProcess); stderr (its status and access lines) goes to
+    `log_path`. `stop()` sends SIGTERM to the gateway itself, which drains and exits 0.
+    """
+
+    def __init__(self, config: Path, port: int, *, args: Sequence[str] = (),
+                 log_path: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.port = port
+        self.log_path = log_path
+        self.argv = [sys.executable, "-m", "modelfleet", "gateway", "-c", str(config),
+                     "--host", HOST, "--port", str(port), *args]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def spawn(self) -> GatewayProcess:
+        tied = sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
+        err = self.log_path.open("ab") if self.log_path is not None else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err, env=self.env,
+                                         start_new_session=True,
+                                         preexec_fn=die_with_parent if tied else None)
+        finally:
+            if self.log_path is not None:
+                err.close()  # type: ignore[union-attr]
+        return self
+
+    def wait_ready(self, timeout: float = 60.0) -> GatewayProcess:
+        """Until GET /livez answers (it listens after measuring the fleet)."""
+        assert self.proc is not None, "spawn() it first"
+        try:
+            wait_http_ok(f"{self.url}/livez", timeout=timeout, proc=self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            self.kill()
+            raise RuntimeError(f"gateway did not start: {exc}\n{self.output()}") from None
+        return self
+
+    def output(self) -> str:
+        if self.log_path is None:
+            return ""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (a drain), then SIGKILL to the group if it is still there after `timeout`."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)

@@ -21,6 +21,7 @@ from modelfleet._transports.base import AsyncBaseTransport
 from modelfleet._transports.models import Embeddings, Generation
 from modelfleet._transports.reading import TokenStream
 from modelfleet.client.attempt import send_with_retries
+from modelfleet.client.relay import RelayAnswer, RelayStream, relay_stream, relay_whole
 from modelfleet.client.route import Route
 from modelfleet.client.types import ChatResult, ChatStream, EmbedResult, ModelStatus, StreamProgress
 from modelfleet.config import FleetConfig, ServerSpec, load_config
@@ -35,6 +36,8 @@ log = logging.getLogger("modelfleet.client")
 FIRST_USE_WAIT_S = 3.0  # how long a model's first call waits for its servers' first benchmark
 EMBED_BATCH = 256  # inputs per embeddings request
 PROBE_TIMEOUT_S = 60.0  # a tiny benchmark request that takes longer has failed
+RELAY_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "chat",
+               "/v1/embeddings": "embedding"}  # what relay() sends, and the kind of model each needs
 
 
 class AsyncModelServer:
@@ -194,6 +197,76 @@ class AsyncModelServer:
         return EmbedResult(vectors=vectors, usage=usage,
                            servers=tuple(server for server, _ in parts),
                            latency_s=max(answer.total_s for _, answer in parts))
+
+    async def relay(self, path: str, body: Mapping[str, Any], *, affinity: str | None = None,
+                    prefix_aware: bool = True) -> RelayAnswer | RelayStream:
+        """An OpenAI request body for `path` (`/v1/chat/completions`, `/v1/completions`,
+        `/v1/embeddings`), sent as it is to the best server of `body["model"]` (a name or
+        an alias; the server's own name is written in), with the same routing, retries and
+        failover as `chat()` and `embed()`. The answer comes back as the engine sent it:
+        a `RelayAnswer` (bytes), or with `"stream": true` a `RelayStream` of its bytes,
+        retried elsewhere only before its first event.
+
+        Raises `UnknownModel`, `UsageError` (a model of the other kind, a path it does
+        not serve), `NoServerAvailable`, `RequestRejected` (the engine's 4xx)."""
+        kind = RELAY_PATHS.get(path)
+        if kind is None:
+            raise UsageError(f"relay() serves {', '.join(RELAY_PATHS)}, not {path!r}")
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise UsageError("the body needs a `model` (a string)")
+        route = self._ready_now(name, kind)
+        if route is None:
+            spec = self._config.resolve_model(name)  # UnknownModel lists the known names
+            if spec.kind != kind:
+                serves = ("/v1/embeddings" if spec.kind == "embedding"
+                          else "/v1/chat/completions and /v1/completions")
+                raise UsageError(f"model {name!r} is a {spec.kind} model: it answers {serves}, "
+                                 f"not {path}")
+            route = await self._ready(name, kind)
+        payload = dict(body)
+        payload["model"] = route.spec.wire_name
+        max_tokens = _max_tokens(body)
+        if path == "/v1/chat/completions":
+            messages = body.get("messages")
+            messages = [m for m in messages if isinstance(m, Mapping)] \
+                if isinstance(messages, list) else []
+            work = _with_blocks(route, Work.for_chat(messages, max_tokens), prefix_aware,
+                                messages=messages)
+        elif path == "/v1/completions":
+            prompt = body.get("prompt")
+            text = prompt if isinstance(prompt, str) else "".join(
+                p for p in prompt if isinstance(p, str)) if isinstance(prompt, list) else ""
+            work = _with_blocks(route, Work.for_prompt(text, max_tokens), prefix_aware,
+                                prompt=text)
+        else:
+            work = Work.for_embedding(body.get("input") or "")
+        if kind == "chat" and body.get("stream") is True:
+            return await relay_stream(route, self._transport, self._rng, path, payload, work,
+                                      affinity, after=lambda: self._maybe_benchmark(route))
+        try:
+            return await relay_whole(route, self._transport, self._rng, path, payload, work,
+                                     affinity, bounded=kind == "embedding" or max_tokens is not None)
+        finally:
+            self._maybe_benchmark(route)
+
+    async def warm(self) -> None:
+        """Benchmark every model's servers now (a few seconds at most) and keep probing
+        them: for a long-running process (the gateway) whose first requests should be
+        routed on measurements and whose health should be known before any request."""
+        self._check_open()
+        await asyncio.gather(*(self._ready(name, None) for name in self._config.models))
+
+    def models_without_server(self) -> dict[str, dict[str, str]]:
+        """The models none of whose servers is usable now, with why for each server
+        (an empty dict: every model has a server to send to)."""
+        missing: dict[str, dict[str, str]] = {}
+        for name in self._config.models:
+            route = self._route(name)
+            if not any(e.health is not Health.DOWN and e.usable()
+                       for e in route.pool.endpoints.values()):
+                missing[name] = route.pool.reasons() or {"": "no servers"}
+        return missing
 
     async def status(self, *, probe: bool = False) -> dict[str, ModelStatus]:
         """Per model, per server: health and why, latency estimates, in flight, server queue.
