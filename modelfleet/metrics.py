@@ -142,7 +142,9 @@ class ModelMetrics:
         self.ttft = fleet.ttft.labels(model)
         self.attempts = fleet.attempts.labels(model)
         self._requests: dict[tuple[str, str], Any] = {}
-        self._retries: dict[Failure, Any] = {}
+        # Every reason from the start, at 0: a series that appears only with its first
+        # retry makes rate() and the dashboard blind to that first one.
+        self._retries = {failure: fleet.retries.labels(model, failure.value) for failure in Failure}
         self.cache_ratio: dict[str, float] = {}  # by server: the prefix-cache hit ratio
         self._cache_seen: dict[str, tuple[float, float]] = {}  # its last (hits, queries)
 
@@ -167,10 +169,7 @@ class ModelMetrics:
         child.inc()
 
     def retried(self, failure: Failure) -> None:
-        child = self._retries.get(failure)
-        if child is None:
-            child = self._retries[failure] = self._fleet.retries.labels(self.model, failure.value)
-        child.inc()
+        self._retries[failure].inc()
 
     def observe_cache(self, server: str, cache: CacheSample | None) -> None:
         """A probe's scrape of the server's prefix-cache counters: the ratio of hits to

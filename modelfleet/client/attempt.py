@@ -7,7 +7,9 @@ left, else (after a short jittered pause that grows) to the best one again. Retr
 attempts or when the model's retry budget refuses one; the caller then gets
 `NoServerAvailable`, written by the request's `RetryState`. A failure that is the
 request's own (`RequestRejected`, a 4xx) is raised at once: another server would
-refuse it too.
+refuse it too. With a metrics registry (`route.metrics`), each request's outcome,
+attempts, retries and latency are recorded here (`modelfleet.metrics`), so every path
+that routes through this loop is counted.
 """
 
 from __future__ import annotations
