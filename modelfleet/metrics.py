@@ -110,7 +110,7 @@ class FleetMetrics:
                                ("model", "reason"), registry=registry)
         self._models: dict[str, ModelMetrics] = {}
         self._routes: weakref.WeakSet[Route] = weakref.WeakSet()
-        registry.register(ServerCollector(self._routes))
+        registry.register(ServerCollector(self))
 
     def model(self, route: Route) -> ModelMetrics:
         """The series of `route`'s model; its servers join the per-server gauges."""
@@ -126,6 +126,11 @@ class FleetMetrics:
         """A closed client's route leaves the gauges (its counters stay: they are history)."""
         with self._lock:
             self._routes.discard(route)
+
+    def routes(self) -> list[Route]:
+        """The routes to read now (a copy: clients on other threads add theirs)."""
+        with self._lock:
+            return list(self._routes)
 
 
 class ModelMetrics:
@@ -242,8 +247,8 @@ if hasattr(os, "register_at_fork"):
 class ServerCollector(Collector):
     """The per-server gauges, read from the routes' pools at scrape time."""
 
-    def __init__(self, routes: weakref.WeakSet[Route]) -> None:
-        self._routes = routes
+    def __init__(self, fleet: FleetMetrics) -> None:
+        self._fleet = fleet
 
     def describe(self) -> list[GaugeMetricFamily]:
         return list(self._families().values())
@@ -251,7 +256,7 @@ class ServerCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         families = self._families()
         seen: set[tuple[str, str]] = set()
-        for route in list(self._routes):
+        for route in self._fleet.routes():
             model = route.spec.name
             ratios = route.metrics.cache_ratio if route.metrics is not None else {}
             for endpoint in list(route.pool.endpoints.values()):
