@@ -334,3 +334,28 @@ def test_the_access_log_has_a_line_per_request_and_no_key_or_prompt(
     for field in ("server=127.0.0.1:", "status=200", "latency_ms=", "tokens_in=", "tokens_out=3",
                   "attempts=1"):
         assert field in last, last
+
+
+def test_metrics_count_whole_answers_and_streams_and_show_no_key(gateway: GatewayProcess) -> None:
+    def scrape() -> str:
+        status, body, _ = request(gateway, "GET", "/metrics", key=None)
+        assert status == 200
+        return body["text"]
+
+    def ok(text: str) -> float:
+        return metric_value(text, "modelfleet_requests_total", {"model": "chat", "outcome": "ok"})
+
+    before = scrape()
+    oa = client(gateway)
+    oa.chat.completions.create(model="chat", messages=[{"role": "user", "content": "hi"}],
+                               max_tokens=4)
+    pieces = list(oa.chat.completions.create(
+        model="small", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True))
+    assert pieces
+    after = scrape()
+    # one whole answer and one stream, each counted once, at its end
+    assert ok(after) - ok(before) == 2, after
+    ttft = "modelfleet_time_to_first_token_seconds_count"
+    assert metric_value(after, ttft, {"model": "chat"}) > metric_value(before, ttft, {"model": "chat"})
+    assert KEY not in after
+    assert not [line for line in after.splitlines() if line.startswith("vllm:")]

@@ -12,9 +12,10 @@ import asyncio
 import logging
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelfleet._exceptions import EngineFailure
 from modelfleet._transports.base import AsyncBaseTransport
@@ -30,6 +31,11 @@ from modelfleet.probe import apply_probe, benchmark_work, probe_server
 from modelfleet.routing import Failure, Health, Work, prompt_blocks
 from modelfleet.routing.blocks import render_messages
 from modelfleet.routing.prefix_index import INDEX_BLOCK_TOKENS
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from modelfleet.metrics import FleetMetrics
 
 log = logging.getLogger("modelfleet.client")
 
@@ -47,11 +53,14 @@ class AsyncModelServer:
     file (`path`, else $MODELFLEET_CONFIG, else ./client_config.yaml) or from a
     `FleetConfig` made in code. `seed` makes the random policies repeatable.
     `transport` replaces the aiohttp transport (a `MockTransport` in tests).
+    `metrics`, a prometheus_client `CollectorRegistry`, gets the modelfleet_* series
+    (`modelfleet.metrics`); without it nothing is recorded.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  config: FleetConfig | None = None, seed: int | None = None,
-                 transport: AsyncBaseTransport | None = None) -> None:
+                 transport: AsyncBaseTransport | None = None,
+                 metrics: CollectorRegistry | None = None) -> None:
         if config is not None and path is not None:
             raise UsageError("pass either a fleet file path or config=, not both")
         self._config = config if config is not None else load_config(path)
@@ -68,6 +77,11 @@ class AsyncModelServer:
         self._probe_loop: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the one it belongs to
         self._closed = False
+        self._metrics: FleetMetrics | None = None
+        if metrics is not None:
+            from modelfleet.metrics import FleetMetrics
+
+            self._metrics = FleetMetrics.for_registry(metrics)
 
     # -- the API -----------------------------------------------------------
 
@@ -121,6 +135,8 @@ class AsyncModelServer:
         api_key = route.spec.api_key
         timeout_s = route.routing.request_timeout_s
         transport = self._transport
+        metrics = route.metrics
+        started = time.perf_counter() if metrics is not None else 0.0
 
         async def first_token(server: ServerSpec, stall_s: float) -> tuple[TokenStream, str]:
             stream = await transport.open_stream(server, "/v1/chat/completions", body,
@@ -160,9 +176,15 @@ class AsyncModelServer:
                 generation = stream.generation()
                 endpoint.observe_success(ttft_s=generation.ttft_s, total_s=generation.total_s,
                                          work=work, output_tokens=generation.output_tokens)
+            except BaseException as exc:  # (GeneratorExit too: the caller left early)
+                if metrics is not None:
+                    metrics.finished(endpoint.address, started, exc)
+                raise
             finally:
                 if not finished:
                     stream.close()
+        if metrics is not None:
+            metrics.finished(endpoint.address, started)
         self._maybe_benchmark(route)
 
     async def embed(self, model: str, inputs: str | Sequence[str], *, as_numpy: bool = False,
@@ -306,7 +328,9 @@ class AsyncModelServer:
             if name in config.models:
                 self._routes[name].update(config.models[name], config.routing, self._seed)
             else:
-                del self._routes[name]  # requests already on it finish with what they hold
+                gone = self._routes.pop(name)  # requests already on it finish with what they hold
+                if self._metrics is not None:
+                    self._metrics.forget(gone)
         for route in self._routes.values():
             if route.ready:
                 self._spawn(self._probe_route(route))  # measure newcomers at once
@@ -323,6 +347,9 @@ class AsyncModelServer:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._background.clear()
         self._probe_loop = None
+        if self._metrics is not None:
+            for route in self._routes.values():
+                self._metrics.forget(route)
         await self._transport.close()
 
     async def __aenter__(self) -> AsyncModelServer:
@@ -404,6 +431,8 @@ class AsyncModelServer:
             route = self._routes.get(spec.name)
             if route is None:
                 route = self._routes[spec.name] = Route(spec, self._config.routing, self._seed)
+                if self._metrics is not None:
+                    route.metrics = self._metrics.model(route)
             self._by_name[model] = route
         return route
 
@@ -534,6 +563,8 @@ class AsyncModelServer:
             return
         if route.pool.endpoints.get(server.address) is endpoint:  # not removed meanwhile
             apply_probe(endpoint, result, route.pool)
+            if route.metrics is not None and result.queue is not None:
+                route.metrics.observe_cache(server.address, result.queue.cache)
 
 
 def _with_blocks(route: Route, work: Work, prefix_aware: bool, *,

@@ -11,9 +11,10 @@ after which its bytes go to the caller as they come and a failure ends it.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelfleet._exceptions import EngineFailure
 from modelfleet._transports.base import AsyncBaseTransport
@@ -23,6 +24,9 @@ from modelfleet.client.attempt import send_with_retries
 from modelfleet.client.route import Route
 from modelfleet.config import ServerSpec
 from modelfleet.routing import Endpoint, Failure, Work
+
+if TYPE_CHECKING:
+    from modelfleet.metrics import ModelMetrics
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class RelayProgress:
     attempts: int
     raw: RawStream
     failure: str | None = None  # why it broke after its first event (None: it did not)
+    done: bool = False  # read to its end (not left early by the caller)
     usage: dict[str, int] = field(default_factory=dict)
 
 
@@ -131,6 +136,8 @@ async def relay_stream(route: Route, transport: AsyncBaseTransport, rng: random.
     api_key = route.spec.api_key
     timeout_s = route.routing.request_timeout_s
     counted = _Counted()
+    metrics = route.metrics
+    started = time.perf_counter() if metrics is not None else 0.0
 
     async def first_event(server: ServerSpec, stall_s: float) -> tuple[RawStream, bytes]:
         counted.attempts += 1
@@ -142,7 +149,24 @@ async def relay_stream(route: Route, transport: AsyncBaseTransport, rng: random.
                                                      answer=False)
     work = route.pool.served(endpoint, work)  # its first event: the prompt is in its cache
     progress = RelayProgress(server=endpoint.address, attempts=counted.attempts, raw=raw)
-    return RelayStream(progress, _chunks(progress, endpoint, raw, first, work, after))
+    ended = after if metrics is None else _counting_end(metrics, endpoint.address, started,
+                                                        progress, after)
+    return RelayStream(progress, _chunks(progress, endpoint, raw, first, work, ended))
+
+
+def _counting_end(metrics: ModelMetrics, server: str, started: float, progress: RelayProgress,
+                  after: Callable[[], None]) -> Callable[[], None]:
+    """`after`, once the stream's end is counted (the retry loop counts only its opening):
+    ok, interrupted (the engine broke off) or cancelled (the caller left first)."""
+    def ended() -> None:
+        if progress.failure is not None:
+            metrics.count(server, "interrupted")
+        elif progress.done:
+            metrics.finished(server, started)
+        else:
+            metrics.count(server, "cancelled")
+        after()
+    return ended
 
 
 async def _chunks(progress: RelayProgress, endpoint: Endpoint, raw: RawStream, first: bytes,
@@ -160,6 +184,7 @@ async def _chunks(progress: RelayProgress, endpoint: Endpoint, raw: RawStream, f
                 progress.failure = exc.reason
                 return
             progress.usage = raw.usage
+            progress.done = True
             if raw.finished:
                 endpoint.observe_success(ttft_s=raw.ttft_s, total_s=raw.total_s, work=work,
                                          output_tokens=raw.output_tokens)

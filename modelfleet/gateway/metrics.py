@@ -8,8 +8,6 @@ a whole-gateway view matters).
 
 from __future__ import annotations
 
-import inspect
-
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from modelfleet.client.core import AsyncModelServer
@@ -17,10 +15,8 @@ from modelfleet.config import FleetConfig
 
 
 def fleet_with_metrics(config: FleetConfig, registry: CollectorRegistry) -> AsyncModelServer:
-    """The client core recording its series on `registry`, where the core takes one."""
-    if "metrics" in inspect.signature(AsyncModelServer.__init__).parameters:
-        return AsyncModelServer(config=config, metrics=registry)  # type: ignore[call-arg]
-    return AsyncModelServer(config=config)  # TODO: a core without metrics (before issue 14's)
+    """The client core, recording its series on `registry`."""
+    return AsyncModelServer(config=config, metrics=registry)
 
 
 class GatewaySeries:
