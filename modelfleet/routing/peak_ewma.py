@@ -37,6 +37,7 @@ TIE_SLOPE = 2.0  # log-odds per unit of log ratio inside the band (a peak's nois
 STEEP_SLOPE = 12.0  # and beyond it: a clearly slower server is all but left out
 PREFIX_BAND = 1.5  # a server this much slower than the best may keep a prefix (as an affinity pin)
 PREFIX_SLACK_S = 0.02  # and this much: latency noise on a loaded host, not a queue
+LOAD_BOUND = 1.25  # bounded-load rendezvous: at most this x the mean requests in flight
 _MAX_ODDS = 40.0  # beyond this the slower one's chance is nil (and exp stays finite)
 
 
@@ -74,6 +75,8 @@ def _prefixed(endpoints: Sequence[Endpoint], work: Work, prefix: PrefixIndex) ->
         cached = prefix.cached_tokens(endpoint.address, blocks)
         scored.append((endpoint.expected_latency(work, cached), cached, endpoint))
     limit = min(s[0] for s in scored) * PREFIX_BAND + PREFIX_SLACK_S
+    bound = math.ceil(LOAD_BOUND * (sum(e.in_flight for e in endpoints) + 1) / len(endpoints))
+    fit = [s for s in scored if s[0] <= limit and s[2].in_flight < bound]
     first = blocks[0]
-    return max((s for s in scored if s[0] <= limit),
+    return max(fit or [s for s in scored if s[0] <= limit],
                key=lambda s: (s[1], rendezvous_weight(first, s[2].address)))[2]

@@ -101,7 +101,7 @@ class _ServerCache:
 
     def horizon(self) -> float:
         """Blocks stamped at or before this clock value are likely evicted."""
-        return self.clock - self.capacity * (1.0 - self.usage) * self.calibration
+        return self.clock - self.capacity * self.calibration
 
 
 class PrefixIndex:
