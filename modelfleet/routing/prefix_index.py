@@ -188,6 +188,13 @@ class PrefixIndex:
             return self._default_capacity
         return server.clock - server.horizon()
 
+    def counters(self, address: str) -> tuple[float, float] | None:
+        """The server's prefix-cache (hits, queries) at its last scrape; None before one."""
+        server = self._servers.get(address)
+        if server is None or server.hits is None or server.queries is None:
+            return None
+        return server.hits, server.queries
+
     def calibration(self, address: str) -> float:
         server = self._servers.get(address)
         return 1.0 if server is None else server.calibration
