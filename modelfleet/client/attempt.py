@@ -43,15 +43,17 @@ def backoff_s(attempts: int, rng: random.Random) -> float:
 
 def send_with_retries(route: Route, work: Work, affinity: str | None, send: Send,
                       rng: random.Random, *, whole: bool = False,
-                      answer: bool = True) -> Awaitable[tuple[Endpoint, Any]]:
+                      answer: bool = True) -> Awaitable[tuple[Endpoint, Any, Work]]:
     """`send(server, deadline_s)` on servers of `route` until one succeeds; awaited, it
-    returns that server's endpoint and what `send` returned.
+    returns that server's endpoint, what `send` returned, and the work as that server saw
+    it (`Pool.served`: the pool's prefix index learns where the prompt went).
 
     The deadline is the stall deadline, or with `whole` the deadline of a whole answer.
     With `answer` (the value is a finished `Generation` or `Embeddings`), the success is
     observed here; a stream's opening (`answer=False`) leaves that to the stream's end,
     and its caller counts the request then (`route.metrics.finished`).
-    Each attempt holds its endpoint's lease for exactly as long as it runs.
+    Each attempt holds its endpoint's lease for exactly as long as it runs: for a
+    stream, until its first token, which is as long as its prompt is being computed.
     """
     metrics = route.metrics  # None (no registry): the loop itself, not one frame more
     if metrics is None:
@@ -61,20 +63,21 @@ def send_with_retries(route: Route, work: Work, affinity: str | None, send: Send
 
 async def _counted(route: Route, work: Work, affinity: str | None, send: Send,
                    rng: random.Random, whole: bool, answer: bool,
-                   tally: Tally) -> tuple[Endpoint, Any]:
+                   tally: Tally) -> tuple[Endpoint, Any, Work]:
     """The loop, with the request's outcome, attempts and latency recorded."""
     try:
-        endpoint, value = await _attempts(route, work, affinity, send, rng, whole, answer, tally)
+        endpoint, value, seen = await _attempts(route, work, affinity, send, rng, whole,
+                                                answer, tally)
     except BaseException as exc:
         tally.failed(exc)
         raise
     tally.succeeded(value, answer)
-    return endpoint, value
+    return endpoint, value, seen
 
 
 async def _attempts(route: Route, work: Work, affinity: str | None, send: Send,
                     rng: random.Random, whole: bool, answer: bool,
-                    tally: Tally | None) -> tuple[Endpoint, Any]:
+                    tally: Tally | None) -> tuple[Endpoint, Any, Work]:
     routing = route.routing
     pool = route.pool
     route.budget.deposit()
@@ -92,18 +95,19 @@ async def _attempts(route: Route, work: Work, affinity: str | None, send: Send,
                               ceiling_s=routing.request_timeout_s, work=work)
         if tally is not None:
             tally.attempt(endpoint.address)
-        with endpoint.lease():
+        lease = endpoint.lease(pool.prefill_tokens(endpoint, work))
+        with lease:
             try:
                 value = await send(route.servers[endpoint.address], deadline_s)
             except EngineFailure as exc:
                 endpoint.observe_failure(exc.failure, exc.reason, retry_after_s=exc.retry_after_s)
                 failed = exc
             else:
-                if answer:  # (a stream's opening: its caller tells the pool and the endpoint)
+                seen = pool.served(endpoint, work, ahead=lease.ahead)
+                if answer:  # (a stream's opening: its caller observes it at the stream's end)
                     endpoint.observe_success(ttft_s=value.ttft_s, total_s=value.total_s,
-                                             work=pool.served(endpoint, work),
-                                             output_tokens=value.output_tokens)
-                return endpoint, value
+                                             work=seen, output_tokens=value.output_tokens)
+                return endpoint, value, seen
         log.debug("%s failed on %s (%s): %s", route.spec.name, endpoint.address,
                   failed.failure.value, failed.reason)
         state = state.increment(endpoint.address, failed.failure, failed.reason)

@@ -151,13 +151,12 @@ class AsyncModelServer:
                 raise
 
         try:
-            endpoint, (stream, first) = await send_with_retries(
+            endpoint, (stream, first), work = await send_with_retries(
                 route, work, affinity, first_token, self._rng, answer=False)
         except BaseException:
             self._maybe_benchmark(route)
             raise
         progress.server, progress.tokens = endpoint.address, stream
-        work = route.pool.served(endpoint, work)  # its first token: the prompt is in its cache
         # The opening was one attempt under its own lease; the rest of the stream holds
         # another on the same endpoint, taken with no await in between.
         with endpoint.lease():
@@ -479,8 +478,8 @@ class AsyncModelServer:
                                       timeout_s=timeout_s)
 
         try:
-            endpoint, generation = await send_with_retries(route, work, affinity, send,
-                                                           self._rng, whole=whole)
+            endpoint, generation, _ = await send_with_retries(route, work, affinity, send,
+                                                              self._rng, whole=whole)
         finally:
             self._maybe_benchmark(route)
         return ChatResult(text=generation.text, usage=generation.usage,
@@ -503,7 +502,7 @@ class AsyncModelServer:
                                    timeout_s=timeout_s, as_numpy=as_numpy)
 
         try:
-            endpoint, answer = await send_with_retries(route, work, None, send, self._rng)
+            endpoint, answer, _ = await send_with_retries(route, work, None, send, self._rng)
         finally:
             self._maybe_benchmark(route)
         return endpoint.address, answer  # as many vectors as inputs: the transport checked

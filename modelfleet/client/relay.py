@@ -122,8 +122,8 @@ async def relay_whole(route: Route, transport: AsyncBaseTransport, rng: random.R
         return transport.relay_whole(server, path, body, api_key=api_key,
                                      deadline_s=deadline_s if bounded else timeout_s)
 
-    endpoint, answer = await send_with_retries(route, work, affinity, send, rng,
-                                               whole=generation and bounded)
+    endpoint, answer, _ = await send_with_retries(route, work, affinity, send, rng,
+                                                  whole=generation and bounded)
     return RelayAnswer(body=answer.body, content_type=answer.content_type, usage=answer.usage,
                        server=endpoint.address, attempts=counted.attempts,
                        latency_s=answer.total_s)
@@ -145,9 +145,9 @@ async def relay_stream(route: Route, transport: AsyncBaseTransport, rng: random.
                                                 stall_s=stall_s, timeout_s=timeout_s)
         return raw, await raw.first()  # (first() closes the stream when it fails)
 
-    endpoint, (raw, first) = await send_with_retries(route, work, affinity, first_event, rng,
-                                                     answer=False)
-    work = route.pool.served(endpoint, work)  # its first event: the prompt is in its cache
+    # (the work as the server saw it: the pool's prefix index learnt where the prompt went)
+    endpoint, (raw, first), work = await send_with_retries(route, work, affinity, first_event,
+                                                           rng, answer=False)
     progress = RelayProgress(server=endpoint.address, attempts=counted.attempts, raw=raw)
     ended = after if metrics is None else _counting_end(metrics, endpoint.address, started,
                                                         progress, after)
