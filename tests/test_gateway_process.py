@@ -4,6 +4,7 @@ serves on one port and stops cleanly, bad settings exit 2 with a short message."
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -123,10 +124,26 @@ def test_bad_flags_exit_2_with_a_short_message(fleet_file: Path, args: list[str]
 
 def test_a_bad_gateway_section_exits_2_naming_the_key(tmp_path: Path) -> None:
     path = tmp_path / "fleet.yaml"
-    path.write_text("gateway:\n  workers: 0\n  api_keys: [\"${UNSET_GATEWAY_KEY_VAR}\"]\n"
+    path.write_text("gateway:\n  workers: 0\n"
                     "models:\n  m: {backend: sim, servers: [{host: 127.0.0.1, port: 1}]}\n")
     done = subprocess.run([sys.executable, "-m", "modelfleet", "gateway", "-c", str(path)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert "gateway.workers" in done.stderr and "UNSET_GATEWAY_KEY_VAR" in done.stderr
+    assert "gateway.workers" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_an_unset_key_variable_stops_the_gateway_not_the_files_other_readers(
+        tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("gateway:\n  api_keys: [\"${UNSET_GATEWAY_KEY_VAR}\"]\n"
+                    "models:\n  m: {backend: sim, servers: [{host: 127.0.0.1, port: 1}]}\n")
+    env = {k: v for k, v in os.environ.items() if k != "UNSET_GATEWAY_KEY_VAR"}
+    done = subprocess.run([sys.executable, "-m", "modelfleet", "gateway", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2  # a gateway meant to be closed does not start open
+    assert "UNSET_GATEWAY_KEY_VAR" in done.stderr and "Traceback" not in done.stderr
+    # a client or a check of the same file needs none of the gateway's keys
+    checked = subprocess.run([sys.executable, "-m", "modelfleet", "config", "validate", "-c",
+                              str(path)], capture_output=True, text=True, timeout=60, env=env)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -243,15 +243,20 @@ class Reader(ValueReader):
         return tuple(result)
 
     def texts(self, key: Key, node: Any, path: str, line: int | None, record_name: str) -> Any:
-        """A list of strings; an empty one (`${KEY:-}` with KEY unset) is left out."""
+        """A list of strings; an empty one (`${KEY:-}` with KEY unset) is left out. A
+        `${VAR}` unset here stays as written (`Deferred`): these are the gateway's keys,
+        resolved when it starts, and a client reading the same file needs none of them."""
         entries = self.items(node, path, line)
         if entries is None:
             return INVALID
-        result = [self.text(item, item_path, item_line, nonempty=False)
+        result = [self.substitute(item, item_path, item_line, unset_ok=True)
+                  if isinstance(item, str) and "$" in item
+                  else self.text(item, item_path, item_line, nonempty=False)
                   for item, item_line, item_path in entries]
         if INVALID in result:
             return INVALID
-        return tuple(str(text) for text in result if str(text).strip())
+        return tuple(text if isinstance(text, str) else str(text)
+                     for text in result if str(text).strip())
 
     def filled_items(self, key: Key, node: Any, path: str, line: int | None,
                      ) -> list[tuple[Any, int | None, str]] | None:

@@ -117,14 +117,17 @@ class ValueReader:
                 self.problem(line, path, f"missing required key {key!r}")
         return entries
 
-    def substitute(self, text: str, path: str, line: int | None) -> Any:
+    def substitute(self, text: str, path: str, line: int | None, *,
+                   unset_ok: bool = False) -> Any:
         """Resolve `${VAR}` / `${VAR:-default}`; `$${` writes a literal `${`.
 
         Structure-only (resolve_env=False) keeps the text as written and marks it
-        deferred, so a file whose variables are unset here can still be checked.
+        deferred, so a file whose variables are unset here can still be checked. With
+        `unset_ok`, a variable unset here defers the text too: a value only one program
+        uses (the gateway's keys) must not stop every other reader of the file.
         """
         resolved_chunks: list[str] = []
-        has_refs = failed = False
+        has_refs = failed = deferred = False
         for chunk in text.split("$${"):
             out: list[str] = []
             pos = 0
@@ -148,6 +151,8 @@ class ValueReader:
                     out.append(default)
                 elif name in os.environ:
                     out.append("")
+                elif unset_ok:
+                    deferred = True
                 else:
                     self.problem(line, path, f"environment variable {name} is not set; set it, "
                                  f"or give a default as ${{{name}:-default}}")
@@ -160,7 +165,7 @@ class ValueReader:
             resolved_chunks.append("".join(out))
         if failed:
             return INVALID
-        if not self.resolve_env:
+        if not self.resolve_env or deferred:
             return Deferred(text) if has_refs else str(text)
         return "${".join(resolved_chunks)
 

@@ -1,7 +1,8 @@
 """API keys: which the gateway accepts, and checking a request's `Authorization` header.
 
-Keys come from the fleet file (`gateway.api_keys`, usually `${VAR}`s resolved when the
-file is read) and from `gateway.api_keys_file` (one a line). A request's key is compared
+Keys come from the fleet file (`gateway.api_keys`, usually `${VAR}`s: resolved when the
+file is read where they are set, else here, when the gateway starts, so that a client
+reading the same file without the gateway's keys in its environment is not refused) and from `gateway.api_keys_file` (one a line). A request's key is compared
 with every key in constant time (`hmac.compare_digest`), so the answer's timing tells
 nothing about how much of a key was right. No key is ever logged, echoed or counted by name.
 """
@@ -13,6 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from modelfleet.config import GatewaySpec
+from modelfleet.config.values import Deferred, ValueReader
 from modelfleet.errors import UsageError
 
 
@@ -22,7 +24,7 @@ def load_keys(spec: GatewaySpec, base: Path | None = None) -> tuple[bytes, ...]:
     A file named relative to the fleet file's folder (`base`); a key file that cannot
     be read, or one whose lines are all blank, is a UsageError (a gateway meant to be
     closed must not start open)."""
-    keys = [key for key in spec.api_keys if key.strip()]
+    keys = [key for key in map(_resolved, spec.api_keys) if key.strip()]
     if spec.api_keys_file:
         path = Path(spec.api_keys_file).expanduser()
         if not path.is_absolute() and base is not None:
@@ -38,6 +40,18 @@ def load_keys(spec: GatewaySpec, base: Path | None = None) -> tuple[bytes, ...]:
             raise UsageError(f"gateway.api_keys_file: {path} holds no key (one a line)")
         keys += from_file
     return tuple(dict.fromkeys(key.strip().encode() for key in keys))
+
+
+def _resolved(key: str) -> str:
+    """A key whose `${VAR}` was unset when the file was read, resolved now (or refused:
+    a gateway meant to be closed must not start open)."""
+    if not isinstance(key, Deferred):
+        return key
+    reader = ValueReader("gateway.api_keys", resolve_env=True)
+    value = reader.substitute(str(key), "gateway.api_keys", None)
+    if reader.problems:
+        raise UsageError(f"gateway.api_keys: {reader.problems[0].message}")
+    return str(value)
 
 
 class KeyCheck:
