@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import openai
 import psutil
 import pytest
 from fleet_checks import delta, ok_requests, scrape, scrape_all, worker_affinity
@@ -28,6 +29,7 @@ from launched import LaunchedFleet, launch, vllm_cpu_model, write_fleet_file
 
 from modelfleet.client import ModelServer
 from modelfleet.errors import RequestRejected
+from modelfleet.testing import GatewayProcess, free_port
 
 MODEL = "tiny-llama"
 HI = [{"role": "user", "content": "Say OK."}]
@@ -210,6 +212,37 @@ def test_a_prompt_over_max_model_len_is_rejected_once(fleet: ChatFleet) -> None:
     assert caught.value.message == captured["error"]["message"]
     tried = delta(before, after, "http_requests_total", errors)
     assert tried == {a: float(a == caught.value.server) for a in fleet.addresses}
+
+
+def test_the_gateway_serves_the_replicas_to_the_openai_client(fleet: ChatFleet) -> None:
+    """`modelfleet gateway` in front of the real replicas: the official openai client gets
+    whole answers, streams and completions, vLLM's own 400 passes through with its message,
+    and the gateway's /metrics counts what it relayed, under modelfleet_* names only."""
+    config = write_fleet_file(fleet.work / "gateway.yaml", fleet.models, QUIET)
+    gw = GatewayProcess(config, free_port(), log_path=fleet.work / "gateway.log").spawn()
+    try:
+        gw.wait_ready(timeout=120)
+        oa = openai.OpenAI(base_url=f"{gw.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        reply = oa.chat.completions.create(model=MODEL, messages=HI, max_tokens=8)
+        assert reply.choices[0].message.content and reply.usage.completion_tokens > 0
+        chunks = list(oa.chat.completions.create(
+            model=MODEL, messages=HI, max_tokens=8, stream=True,
+            stream_options={"include_usage": True}))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+        assert oa.completions.create(model=MODEL, prompt="Hello", max_tokens=4).choices[0].text
+        captured = json.loads((FIXTURES / "error-prompt-too-long.txt").read_text().splitlines()[0])
+        with pytest.raises(openai.BadRequestError) as caught:
+            oa.completions.create(model=MODEL, prompt="hello world " * 400, max_tokens=4)
+        assert caught.value.status_code == 400
+        assert caught.value.body["message"] == captured["error"]["message"]
+        with urllib.request.urlopen(f"{gw.url}/metrics", timeout=30) as r:
+            metrics = r.read().decode()
+        assert metric_value(metrics, "modelfleet_requests_total",
+                            {"model": MODEL, "outcome": "ok"}) == 3
+        assert not [line for line in metrics.splitlines() if line.startswith("vllm:")]
+    finally:
+        assert gw.stop() == 0, gw.output()
 
 
 def test_a_killed_replica_costs_callers_nothing_and_comes_back(fleet: ChatFleet) -> None:
