@@ -222,6 +222,10 @@ def test_the_delay_is_the_setting_or_the_learnt_p95_above_a_floor() -> None:
     for _ in range(MIN_SAMPLES):
         fast.observe(0.0001)
     assert hedge_delay("auto", fast) == FLOOR_S
+    stuck = FirstTokenTimes()  # 92 % answer in 50 ms, 8 % are stuck for a second
+    for i in range(100):
+        stuck.observe(1.0 if i % 12 == 0 else 0.05)
+    assert stuck.quantile(0.95) == 1.0 and hedge_delay("auto", stuck) == 0.1  # 2 x the p90
 
 
 def test_the_hedge_budget_is_a_fraction_of_requests_plus_a_reserve() -> None:

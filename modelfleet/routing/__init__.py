@@ -31,7 +31,7 @@ CONTRACT (the client and the wire layer rely on these names)
                    .usable() -> bool ; .why_unusable() -> str | None ; .status()
     budget.py    RetryBudget(ratio=0.2, min_per_s=10.0, ttl_s=10.0, clock)
                    .deposit() per original request; .try_withdraw() -> bool per retry; .balance()
-    hedging.py   FirstTokenTimes() per server: .observe(s), .quantile(0.95) -> s | None;
+    hedging.py   FirstTokenTimes() per server: .observe(s), .hedge_after() -> s | None (~p95);
                  hedge_delay(routing.hedge_after, times) -> s | None; HedgeBudget(fraction)
     prefix_index.py  PrefixIndex(max_entries=65536): per model, which prompt blocks each server
                  likely still holds; .cached_tokens(address, blocks) .record(address, blocks, *,

@@ -268,11 +268,14 @@ class SimServer:
         rid = wire.new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
         response: web.StreamResponse | None = None
+        stall_s = self.faults.stall()
         if gen.stream:
-            response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+            # A stalled stream says so in a sim-only header (the bench's hedging oracle reads
+            # it; no client does): only an oracle may know a stall before it is over.
+            headers = {**_SSE_HEADERS, "X-Sim-Stall-S": f"{stall_s:g}"} if stall_s else _SSE_HEADERS
+            response = web.StreamResponse(status=200, headers=headers)
             await response.prepare(request)
         out = _ReplyWriter(response, rid, created, model, chat)
-        stall_s = self.faults.stall()
         if stall_s:  # the stall fault: silent before the first token (headers sent), then on
             await asyncio.sleep(stall_s)
         hashed = self.settings.caching
