@@ -52,15 +52,14 @@ class HedgeOracle(Oracle):
                         continue
                     ttft = None
                     async for line in r.content:
-                        if ttft is None and line.startswith(b"data: {") and \
-                                json.loads(line[6:])["choices"][:1] and \
-                                json.loads(line[6:])["choices"][0]["delta"].get("content"):
-                            ttft = time.perf_counter() - start
+                        if ttft is None and line.startswith(b"data: {"):
+                            choices = json.loads(line[6:])["choices"]
+                            if choices and choices[0]["delta"].get("content"):
+                                ttft = time.perf_counter() - start
                     return Reply(server, ttft)
-            except (aiohttp.ClientError, OSError) as exc:
+            except (aiohttp.ClientError, OSError):
                 if len(avoid) + 1 >= len(self._truth):
                     raise
-                avoid.add(server)
-                last = exc  # noqa: F841 - kept for a debugger; the next server is tried
+                avoid.add(server)  # the next server is tried
             finally:
                 truth.in_flight -= 1
