@@ -22,8 +22,10 @@ Per request (recorded by the retry loop, `client/attempt.py`, so every path coun
 - `modelfleet_request_attempts{model}`: servers tried per request (1: no retry).
 - `modelfleet_retries_total{model,reason}`: an attempt failed and another was made; reason
   is the failure (refused, timeout, server_error, backpressure, misconfigured).
-- `modelfleet_hedges_total{model}` is reserved for hedged requests (issue 15); it is not
-  exported until they exist.
+- `modelfleet_hedges_total{model,outcome}`: hedged requests (`routing.hedge_after`,
+  client/hedge.py); outcome: sent (a copy went to another server), won (the copy's first
+  token came first), lost (the original's did), denied_by_budget (no copy: the hedge
+  budget was spent). Recorded by the race itself, so only where hedging is on.
 
 Per server, read from the routing state when Prometheus scrapes (nothing on the hot
 path): `modelfleet_server_usable`, `modelfleet_server_state{state}` (up, degraded,
@@ -49,7 +51,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from modelfleet.errors import NoServerAvailable, RequestRejected, StreamInterrupted
-from modelfleet.routing import Failure, Health
+from modelfleet.routing import HEDGE_OUTCOMES, Failure, Health
 
 if TYPE_CHECKING:
     from modelfleet._transports.models import CacheSample
@@ -108,6 +110,8 @@ class FleetMetrics:
                                   ("model",), buckets=ATTEMPT_BUCKETS, registry=registry)
         self.retries = Counter("modelfleet_retries_total", "Attempts that failed and were retried.",
                                ("model", "reason"), registry=registry)
+        self.hedges = Counter("modelfleet_hedges_total", "Hedged requests by outcome.",
+                              ("model", "outcome"), registry=registry)
         self._models: dict[str, ModelMetrics] = {}
         self._routes: weakref.WeakSet[Route] = weakref.WeakSet()
         registry.register(ServerCollector(self))
@@ -138,7 +142,7 @@ class ModelMetrics:
     observes, no label resolution."""
 
     __slots__ = ("model", "_fleet", "duration", "ttft", "attempts", "_requests", "_retries",
-                 "cache_ratio", "_cache_seen")
+                 "_hedges", "cache_ratio", "_cache_seen")
 
     def __init__(self, fleet: FleetMetrics, model: str) -> None:
         self.model = model
@@ -150,6 +154,7 @@ class ModelMetrics:
         # Every reason from the start, at 0: a series that appears only with its first
         # retry makes rate() and the dashboard blind to that first one.
         self._retries = {failure: fleet.retries.labels(model, failure.value) for failure in Failure}
+        self._hedges = {outcome: fleet.hedges.labels(model, outcome) for outcome in HEDGE_OUTCOMES}
         self.cache_ratio: dict[str, float] = {}  # by server: the prefix-cache hit ratio
         self._cache_seen: dict[str, tuple[float, float]] = {}  # its last (hits, queries)
 
@@ -175,6 +180,9 @@ class ModelMetrics:
 
     def retried(self, failure: Failure) -> None:
         self._retries[failure].inc()
+
+    def hedged(self, outcome: str) -> None:
+        self._hedges[outcome].inc()
 
     def observe_cache(self, server: str, cache: CacheSample | None) -> None:
         """A probe's scrape of the server's prefix-cache counters: the ratio of hits to

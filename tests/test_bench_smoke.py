@@ -162,3 +162,21 @@ def test_prefix_scenario_tiny_run(tmp_path):
     # Fresh sims for every run, and every one of them stopped.
     assert len(doc["sim_servers"]) == 4 * 2 * len(ran), doc["sim_servers"]
     assert all(refuses(a) for a in doc["sim_servers"]), doc["sim_servers"]
+
+
+def test_tail_scenario_tiny_run(tmp_path):
+    """Hedging off, auto and fixed, and the oracle, side by side on stalling sims; the
+    servers' load is counted from their http_requests_total (no timing asserted)."""
+    out = tmp_path / "results"
+    proc = run_bench("--scenario", "tail", "--no-plots", "--requests", "24", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())["scenarios"]["tail"]["results"]
+    assert list(results) == ["hedging off", "hedge_after: auto", "hedge_after: 0.1", "oracle"]
+    for name, row in results.items():
+        assert row["n"] == 24 and row["errors"] == 0, (name, row)
+        assert row["served"] >= 24 and row["load"] >= 1.0, (name, row)  # every one reached a sim
+        assert f"| {name} |" in proc.stdout, (name, proc.stdout)
+    assert results["hedging off"]["hedges"] == {}
+    assert set(results["hedge_after: 0.1"]["hedges"]) >= {"sent", "won", "lost", "denied_by_budget"}
+    doc = json.loads((out / "results.json").read_text())
+    assert all(refuses(a) for a in doc["sim_servers"]), doc["sim_servers"]

@@ -39,7 +39,11 @@ def sample(pattern: str, key: Key) -> Any:
             value = default + 1
         else:
             value = (key.above if key.above is not None else key.minimum or 0) + 1
-        return int(value) if kind == "integer" else float(value) + 0.5
+        if kind == "integer":
+            return int(value)
+        if key.maximum is not None and float(value) + 0.5 > key.maximum:  # a fraction
+            return (float(default) + key.maximum) / 2
+        return float(value) + 0.5
     if kind == "switch":
         return not default
     if kind == "text":
@@ -49,7 +53,7 @@ def sample(pattern: str, key: Key) -> Any:
     table: dict[str, Any] = {
         "indexes": [0, 1], "names": ["sample-alias"], "texts": [SECRET_TEXT], "argv": ["prog", "--flag"],
         "flags": {"sample-flag": 1}, "environment": {"MF_SAMPLE_TOKEN": SECRET_TEXT, "MF_PLAIN": "plain"},
-        "messages": [{"role": "user", "content": "sample"}],
+        "messages": [{"role": "user", "content": "sample"}], "delay": 0.25,
     }
     if kind in table:
         return table[kind]

@@ -4,12 +4,15 @@ The client is built from a FleetConfig in code, exactly as a user embedding mode
 with the bench's shared timeouts (scaled to the sims' compressed time, the same numbers
 LiteLLM gets). `prefix_aware` sets the routing key of that name where this modelfleet has it
 (issue 13); asked for prefix awareness where it has not, the contender is Unavailable.
+`routing` sets further routing keys (the tail scenario's `hedge_after`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from bench.contenders.base import Contender, Reply, Target, Unavailable
 from bench.workload import ChatCall
@@ -39,13 +42,13 @@ class ModelfleetClient(Contender):
     family = "modelfleet"
 
     def __init__(self, policy: str, *, prefix_aware: bool | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, routing: Mapping[str, Any] | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         self.policy = policy
         self.name = name or f"modelfleet:{policy}"
         self._cls = _client_class()
-        self._routing_extra: dict[str, bool] = {}
+        self._routing_extra: dict[str, Any] = dict(routing or {})
         if prefix_aware is not None:
             if knows_prefix_aware():
                 self._routing_extra["prefix_aware"] = prefix_aware

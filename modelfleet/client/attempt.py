@@ -9,7 +9,9 @@ attempts or when the model's retry budget refuses one; the caller then gets
 request's own (`RequestRejected`, a 4xx) is raised at once: another server would
 refuse it too. With a metrics registry (`route.metrics`), each request's outcome,
 attempts, retries and latency are recorded here (`modelfleet.metrics`), so every path
-that routes through this loop is counted.
+that routes through this loop is counted. With `hedge=True` (the send shows its first
+token) and `routing.hedge_after` on, each attempt is run by `Hedging.race` (`hedge.py`),
+which may send a copy to another server; both copies' failures count as tried here.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from modelfleet._exceptions import EngineFailure
+from modelfleet.client.hedge import HedgeFailed
 from modelfleet.client.route import Route
 from modelfleet.config import ServerSpec
 from modelfleet.routing import Endpoint, Work
@@ -42,8 +45,8 @@ def backoff_s(attempts: int, rng: random.Random) -> float:
 
 
 def send_with_retries(route: Route, work: Work, affinity: str | None, send: Send,
-                      rng: random.Random, *, whole: bool = False,
-                      answer: bool = True) -> Awaitable[tuple[Endpoint, Any, Work]]:
+                      rng: random.Random, *, whole: bool = False, answer: bool = True,
+                      hedge: bool = False) -> Awaitable[tuple[Endpoint, Any, Work]]:
     """`send(server, deadline_s)` on servers of `route` until one succeeds; awaited, it
     returns that server's endpoint, what `send` returned, and the work as that server saw
     it (`Pool.served`: the pool's prefix index learns where the prompt went).
@@ -54,20 +57,29 @@ def send_with_retries(route: Route, work: Work, affinity: str | None, send: Send
     and its caller counts the request then (`route.metrics.finished`).
     Each attempt holds its endpoint's lease for exactly as long as it runs: for a
     stream, until its first token, which is as long as its prompt is being computed.
+    `hedge`: `send` returns at its first token or calls `hedge.first_token_seen()`, so
+    its attempts may be hedged (when the model's routing says so).
     """
     metrics = route.metrics  # None (no registry): the loop itself, not one frame more
     if metrics is None:
-        return _attempts(route, work, affinity, send, rng, whole, answer, None)
-    return _counted(route, work, affinity, send, rng, whole, answer, metrics.tally())
+        return _attempts(route, work, affinity, send, rng, whole, answer, None, hedge)
+    return _counted(route, work, affinity, send, rng, whole, answer, metrics.tally(), hedge)
+
+
+def _deadline(endpoint: Endpoint, route: Route, work: Work, whole: bool) -> float:
+    """The attempt's deadline on `endpoint`: of its first token, or of a whole answer."""
+    deadline = endpoint.answer_deadline if whole else endpoint.stall_deadline
+    return deadline(floor_s=route.routing.stall_timeout_s,
+                    ceiling_s=route.routing.request_timeout_s, work=work)
 
 
 async def _counted(route: Route, work: Work, affinity: str | None, send: Send,
                    rng: random.Random, whole: bool, answer: bool,
-                   tally: Tally) -> tuple[Endpoint, Any, Work]:
+                   tally: Tally, hedge: bool) -> tuple[Endpoint, Any, Work]:
     """The loop, with the request's outcome, attempts and latency recorded."""
     try:
         endpoint, value, seen = await _attempts(route, work, affinity, send, rng, whole,
-                                                answer, tally)
+                                                answer, tally, hedge)
     except BaseException as exc:
         tally.failed(exc)
         raise
@@ -77,10 +89,13 @@ async def _counted(route: Route, work: Work, affinity: str | None, send: Send,
 
 async def _attempts(route: Route, work: Work, affinity: str | None, send: Send,
                     rng: random.Random, whole: bool, answer: bool,
-                    tally: Tally | None) -> tuple[Endpoint, Any, Work]:
+                    tally: Tally | None, hedge: bool = False) -> tuple[Endpoint, Any, Work]:
     routing = route.routing
     pool = route.pool
     route.budget.deposit()
+    hedging = route.hedging if hedge else None
+    if hedging is not None:
+        hedging.budget.deposit()
     state = route.first_try
     while True:
         endpoint = pool.choose(work, exclude=state.excluded, affinity=affinity)
@@ -95,19 +110,29 @@ async def _attempts(route: Route, work: Work, affinity: str | None, send: Send,
                               ceiling_s=routing.request_timeout_s, work=work)
         if tally is not None:
             tally.attempt(endpoint.address)
-        lease = endpoint.lease(pool.prefill_tokens(endpoint, work))
-        with lease:
+        if hedging is not None:
             try:
-                value = await send(route.servers[endpoint.address], deadline_s)
-            except EngineFailure as exc:
-                endpoint.observe_failure(exc.failure, exc.reason, retry_after_s=exc.retry_after_s)
-                failed = exc
-            else:
-                seen = pool.served(endpoint, work, ahead=lease.ahead)
-                if answer:  # (a stream's opening: its caller observes it at the stream's end)
-                    endpoint.observe_success(ttft_s=value.ttft_s, total_s=value.total_s,
-                                             work=seen, output_tokens=value.output_tokens)
-                return endpoint, value, seen
+                return await hedging.race(route, endpoint, work, state.excluded, send,
+                                          lambda e: _deadline(e, route, work, whole), answer,
+                                          tally)
+            except HedgeFailed as every:
+                for tried, failed in every.failures[:-1]:
+                    state = state.increment(tried.address, failed.failure, failed.reason)
+                endpoint, failed = every.failures[-1]
+        else:
+            lease = endpoint.lease(pool.prefill_tokens(endpoint, work))
+            with lease:
+                try:
+                    value = await send(route.servers[endpoint.address], deadline_s)
+                except EngineFailure as exc:
+                    endpoint.observe_failure(exc.failure, exc.reason, retry_after_s=exc.retry_after_s)
+                    failed = exc
+                else:
+                    seen = pool.served(endpoint, work, ahead=lease.ahead)
+                    if answer:  # (a stream's opening: its caller observes it at the stream's end)
+                        endpoint.observe_success(ttft_s=value.ttft_s, total_s=value.total_s,
+                                                 work=seen, output_tokens=value.output_tokens)
+                    return endpoint, value, seen
         log.debug("%s failed on %s (%s): %s", route.spec.name, endpoint.address,
                   failed.failure.value, failed.reason)
         state = state.increment(endpoint.address, failed.failure, failed.reason)

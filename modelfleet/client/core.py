@@ -22,6 +22,7 @@ from modelfleet._transports.base import AsyncBaseTransport
 from modelfleet._transports.models import Embeddings, Generation
 from modelfleet._transports.reading import TokenStream
 from modelfleet.client.attempt import send_with_retries
+from modelfleet.client.hedge import generate_hedgeable, hedge_counts
 from modelfleet.client.relay import RelayAnswer, RelayStream, relay_stream, relay_whole
 from modelfleet.client.route import Route
 from modelfleet.client.types import ChatResult, ChatStream, EmbedResult, ModelStatus, StreamProgress
@@ -152,7 +153,7 @@ class AsyncModelServer:
 
         try:
             endpoint, (stream, first), work = await send_with_retries(
-                route, work, affinity, first_token, self._rng, answer=False)
+                route, work, affinity, first_token, self._rng, answer=False, hedge=True)
         except BaseException:
             self._maybe_benchmark(route)
             raise
@@ -300,7 +301,8 @@ class AsyncModelServer:
             await asyncio.gather(*(self._probe_route(self._route(name))
                                    for name in self._config.models))
         return {name: ModelStatus(model=name, kind=spec.kind, policy=self._config.routing.policy,
-                                  servers=tuple(self._route(name).pool.status()))
+                                  servers=tuple(self._route(name).pool.status()),
+                                  hedges=hedge_counts(self._route(name).hedging))
                 for name, spec in self._config.models.items()}
 
     def available_models(self) -> list[str]:
@@ -465,12 +467,18 @@ class AsyncModelServer:
         """A whole chat or completion. With `whole` (its length bounded by max_tokens) it
         is asked for in one piece under a deadline for the whole answer, which spares a
         busy engine a chunk per token; else it is streamed underneath, so that a server
-        gone silent is caught by the stall deadline."""
+        gone silent is caught by the stall deadline. While hedging is on, every answer is
+        streamed underneath: its first token is what a hedge races for (client/hedge.py)."""
         api_key = route.spec.api_key
         timeout_s = route.routing.request_timeout_s
         transport = self._transport
+        hedged = route.hedging is not None
+        whole = whole and not hedged
 
         def send(server: ServerSpec, deadline_s: float) -> Awaitable[Generation]:
+            if hedged:
+                return generate_hedgeable(transport, server, path, body, api_key=api_key,
+                                          stall_s=deadline_s, timeout_s=timeout_s)
             if whole:
                 return transport.generate_whole(server, path, body, api_key=api_key,
                                                 deadline_s=deadline_s)
@@ -479,7 +487,7 @@ class AsyncModelServer:
 
         try:
             endpoint, generation, _ = await send_with_retries(route, work, affinity, send,
-                                                              self._rng, whole=whole)
+                                                              self._rng, whole=whole, hedge=hedged)
         finally:
             self._maybe_benchmark(route)
         return ChatResult(text=generation.text, usage=generation.usage,

@@ -5,7 +5,10 @@ failover as `chat()` / `embed()`, with the engine's answer handed back as bytes.
 body and sizes the request's `Work` (prefix blocks included); this module sends it
 through `send_with_retries` and wraps what comes back. A whole answer is retried on
 another server until one answers; a stream only until its first event (`RawStream.first`),
-after which its bytes go to the caller as they come and a failure ends it.
+after which its bytes go to the caller as they come and a failure ends it. A stream is
+hedged (routing.hedge_after) until its first event; a whole answer relayed as bytes is
+not: a non-streamed body shows no first token to race for, and the gateway hands the
+engine's bytes on as they are, so it cannot read them as a stream underneath.
 """
 
 from __future__ import annotations
@@ -147,7 +150,7 @@ async def relay_stream(route: Route, transport: AsyncBaseTransport, rng: random.
 
     # (the work as the server saw it: the pool's prefix index learnt where the prompt went)
     endpoint, (raw, first), work = await send_with_retries(route, work, affinity, first_event,
-                                                           rng, answer=False)
+                                                           rng, answer=False, hedge=True)
     progress = RelayProgress(server=endpoint.address, attempts=counted.attempts, raw=raw)
     ended = after if metrics is None else _counting_end(metrics, endpoint.address, started,
                                                         progress, after)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from modelfleet.client.hedge import Hedging
 from modelfleet.client.retry import RetryState
 from modelfleet.config import ModelSpec, RoutingSpec, ServerSpec
 from modelfleet.routing import Pool, PrefixIndex, RetryBudget, make_policy
@@ -14,7 +15,8 @@ if TYPE_CHECKING:
 
 
 class Route:
-    """A model's servers (by address), their routing `Pool` and its `RetryBudget`.
+    """A model's servers (by address), their routing `Pool`, its `RetryBudget` and its
+    `Hedging` (None while routing.hedge_after is off).
 
     The report builds the same object to ask the routing code which server it would pick.
     """
@@ -31,6 +33,7 @@ class Route:
                          prefix=_prefix_index(spec, routing))
         self.budget = RetryBudget(ratio=routing.retry_budget_ratio,
                                   min_per_s=routing.retry_budget_min_per_s)
+        self.hedging = Hedging.of(routing)
         self.first_probe: asyncio.Task[None] | None = None
         self.in_use = False  # a request asked for it: probed in the background from then on
         self.ready = False  # its first benchmark finished (or was waited for long enough)
@@ -58,6 +61,7 @@ class Route:
             self.pool.remove(address)
         for address in servers.keys() - self.servers.keys():
             self.pool.add(address)
+        self.hedging = Hedging.of(routing, self.hedging)
         self.spec, self.routing, self.servers = spec, routing, servers
         self.first_try = RetryState.first(routing.max_retry)
 

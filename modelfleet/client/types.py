@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from modelfleet._transports.reading import TokenStream
@@ -152,4 +152,7 @@ class ModelStatus:
     kind: str
     policy: str
     servers: tuple[EndpointStatus, ...]
+    # Hedged requests so far (routing.hedge_after): sent, won, lost, denied_by_budget;
+    # empty while hedging is off.
+    hedges: Mapping[str, int] = field(default_factory=dict)
 

@@ -172,6 +172,8 @@ class Reader(ValueReader):
             return result
         if kind == "switch":
             return self.scalar(node, path, line, "bool")
+        if kind == "delay":
+            return self.delay(node, path, line)
         if kind == "indexes":
             result = self.int_list(node, path, line, key.what)
             if key.forbidden_when and result:

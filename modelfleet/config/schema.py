@@ -34,6 +34,7 @@ MESSAGE_KEYS = ("role", "content")
 VALUE_KINDS = (
     "number", "integer", "text",  # scalars, range- or choice-checked
     "switch",  # true or false
+    "delay",  # off, auto, or a number of seconds > 0 (routing.hedge_after)
     "indexes",  # unique non-negative integers (gpus, cpus)
     "names",  # unique other names of the record (aliases)
     "texts",  # a list of strings (empty ones, as `${VAR:-}` may make, are dropped)
@@ -205,6 +206,13 @@ class RoutingSpec:
                                             help="retries per second allowed whatever the traffic")
     prefix_aware: bool = setting(True, kind="switch",
                                  help="send prompts that share a prefix where it is likely cached")
+    # Hedged requests ("The Tail at Scale"): no first token by then, a copy goes to the
+    # next-best other server and the first to start answering wins (client/hedge.py).
+    hedge_after: str | float = setting(
+        "off", kind="delay", help="off | auto (about the server's p95 time to first token) | "
+        "seconds: a copy to another server when no first token came by then")
+    hedge_budget: float = setting(0.05, kind="number", minimum=0, maximum=1,
+                                  help="hedges as a fraction of recent requests, at most")
 
 
 @dataclass(frozen=True)

@@ -227,6 +227,30 @@ class ValueReader:
             return INVALID
         return result
 
+    def delay(self, value: Any, path: str, line: int | None) -> Any:
+        """`off`, `auto`, or seconds > 0 (`false` is `off`: YAML 1.1 reads a bare off so)."""
+        if is_bool(value) and not value:
+            return "off"
+        if isinstance(value, str) and "$" in value:
+            value = self.substitute(str(value), path, line)
+            if value is INVALID or isinstance(value, Deferred):
+                return value
+        if isinstance(value, str):
+            word = value.strip().lower()
+            if word in ("off", "auto"):
+                return word
+            number = _coerce_env_text(value, "number")
+            if number is value:
+                self.problem(line, path, f"must be off, auto or a number of seconds, got "
+                             f"{shown(value, path)}")
+                return INVALID
+            value = number
+        if not is_number(value) or not math.isfinite(float(value)) or value <= 0:
+            self.problem(line, path, "must be off, auto or a number of seconds greater than 0, "
+                         f"got {shown(value, path)}")
+            return INVALID
+        return float(value)
+
     def text(self, value: Any, path: str, line: int | None, *, choices: Sequence[str] = (),
              nonempty: bool = True) -> Any:
         result = self.scalar(value, path, line, "str")

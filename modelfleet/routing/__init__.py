@@ -31,6 +31,8 @@ CONTRACT (the client and the wire layer rely on these names)
                    .usable() -> bool ; .why_unusable() -> str | None ; .status()
     budget.py    RetryBudget(ratio=0.2, min_per_s=10.0, ttl_s=10.0, clock)
                    .deposit() per original request; .try_withdraw() -> bool per retry; .balance()
+    hedging.py   FirstTokenTimes() per server: .observe(s), .hedge_after() -> s | None (~p95);
+                 hedge_delay(routing.hedge_after, times) -> s | None; HedgeBudget(fraction)
     prefix_index.py  PrefixIndex(max_entries=65536): per model, which prompt blocks each server
                  likely still holds; .cached_tokens(address, blocks) .record(address, blocks, *,
                  prompt_tokens, output_tokens) .observe_metrics(address, *, hits, queries, usage,
@@ -92,6 +94,7 @@ drive them from one event loop, or under one lock.
 from modelfleet.routing.budget import RetryBudget
 from modelfleet.routing.endpoint import Endpoint, EndpointStatus, Failure, Health, Lease
 from modelfleet.routing.fastest import Fastest
+from modelfleet.routing.hedging import HEDGE_OUTCOMES, FirstTokenTimes, HedgeBudget, hedge_delay
 from modelfleet.routing.least_loaded import LeastLoaded
 from modelfleet.routing.peak_ewma import PeakEwma
 from modelfleet.routing.policy import Policy, make_policy
@@ -106,6 +109,9 @@ __all__ = [
     "EndpointStatus",
     "Failure",
     "Fastest",
+    "FirstTokenTimes",
+    "HEDGE_OUTCOMES",
+    "HedgeBudget",
     "Health",
     "LeastLoaded",
     "Lease",
@@ -118,6 +124,7 @@ __all__ = [
     "RoundRobin",
     "Work",
     "estimate_tokens",
+    "hedge_delay",
     "make_policy",
     "prompt_blocks",
 ]

@@ -13,6 +13,7 @@ on. A fault request merges into the current faults, so `{"slowdown": 3}` then
 | `hang` true | requests are accepted and never answered, not even headers |
 | `stall_after_tokens` N | a reply goes silent after N tokens (headers and N deltas sent) |
 | `disconnect_after_tokens` N | the connection is dropped after N tokens, no end of reply |
+| `stall_fraction` p, `stall_s` S | a fraction p of generations go silent S seconds before their first token (default 1 s), then go on normally |
 
 `/health`, `/metrics` and `/sim/*` are never affected: a test must be able to
 see a faulty server is alive, and to clear the fault.
@@ -62,6 +63,8 @@ class Faults:
         self.hang = False
         self.stall_after_tokens: int | None = None
         self.disconnect_after_tokens: int | None = None
+        self.stall_fraction = 0.0
+        self.stall_s = 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +74,8 @@ class Faults:
             "hang": self.hang,
             "stall_after_tokens": self.stall_after_tokens,
             "disconnect_after_tokens": self.disconnect_after_tokens,
+            "stall_fraction": self.stall_fraction,
+            "stall_s": self.stall_s,
         }
 
     def merge(self, body: object) -> None:
@@ -100,6 +105,12 @@ class Faults:
     def should_fail(self) -> bool:
         return self.error_rate > 0 and self._rng.random() < self.error_rate
 
+    def stall(self) -> float:
+        """Seconds this generation stays silent before its first token (0: none)."""
+        if self.stall_fraction > 0 and self._rng.random() < self.stall_fraction:
+            return self.stall_s
+        return 0.0
+
     async def wait_released(self) -> None:
         """Block a hung request until `reset` (or `hang: false`) releases it; raises then."""
         if self._released is None or self._released.done():
@@ -122,9 +133,13 @@ def _checked(key: str, value: object) -> object:
         if not _is_number(value) or value <= 0:
             raise FaultError(f"slowdown: must be a number > 0 (1 = normal speed), got {value!r}")
         return float(value)
-    if key == "error_rate":
+    if key in ("error_rate", "stall_fraction"):
         if not _is_number(value) or not 0 <= value <= 1:
-            raise FaultError(f"error_rate: must be a number from 0 to 1, got {value!r}")
+            raise FaultError(f"{key}: must be a number from 0 to 1, got {value!r}")
+        return float(value)
+    if key == "stall_s":
+        if not _is_number(value) or value < 0:
+            raise FaultError(f"stall_s: must be a number of seconds >= 0, got {value!r}")
         return float(value)
     if key == "error_status":
         if not isinstance(value, int) or isinstance(value, bool) or not 400 <= value <= 599:

@@ -79,7 +79,8 @@ class SimMetrics:
         self.http: dict[tuple[str, str, str], int] = {}
 
     def count_http(self, handler: str, method: str, status: int) -> None:
-        key = (handler, method, f"{status // 100}xx")
+        """By status class, as vLLM's instrumentator; 499 (the client left) as it is."""
+        key = (handler, method, "499" if status == 499 else f"{status // 100}xx")
         self.http[key] = self.http.get(key, 0) + 1
 
     def prefix_cache(self, *, queried: int, hit: int) -> None:

@@ -40,6 +40,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # vLLM's instrumentator leaves these out of http_requests_total; /sim/* is ours, not vLLM's.
 _UNCOUNTED = ("/metrics", "/health", "/version", "/sim/fault", "/sim/state")
+CLIENT_LEFT = 499  # http_requests_total's status for a request whose client left first
+_LEFT, _DROPPED = "modelfleet_sim_client_left", "modelfleet_sim_dropped"  # request keys
 _SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
 
 
@@ -110,7 +112,9 @@ class SimServer:
 
     @web.middleware
     async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """http_requests_total by route and status class, for every request answered."""
+        """http_requests_total by route and status class, for every request that reached
+        it: one whose client left before its end counts as status "499" (nginx's "client
+        closed request"), so what hedged or abandoned requests cost a server shows."""
         resource = request.match_info.route.resource
         name = resource.canonical if resource is not None else None
         counted = name is not None and name not in _UNCOUNTED
@@ -123,13 +127,17 @@ class SimServer:
                 return _json(exc.status, {"detail": exc.reason})
             raise
         except asyncio.CancelledError:
+            if counted:  # the client left (aiohttp cancels the handler), or a fault dropped it
+                self.metrics.count_http(name, request.method,
+                                        500 if request.get(_DROPPED) else CLIENT_LEFT)
             raise
         except Exception:
             if counted:
                 self.metrics.count_http(name, request.method, 500)
             raise
         if counted:
-            self.metrics.count_http(name, request.method, response.status)
+            self.metrics.count_http(name, request.method,
+                                    CLIENT_LEFT if request.get(_LEFT) else response.status)
         return response
 
     @web.middleware
@@ -260,10 +268,16 @@ class SimServer:
         rid = wire.new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())
         response: web.StreamResponse | None = None
+        stall_s = self.faults.stall()
         if gen.stream:
-            response = web.StreamResponse(status=200, headers=_SSE_HEADERS)
+            # A stalled stream says so in a sim-only header (the bench's hedging oracle reads
+            # it; no client does): only an oracle may know a stall before it is over.
+            headers = {**_SSE_HEADERS, "X-Sim-Stall-S": f"{stall_s:g}"} if stall_s else _SSE_HEADERS
+            response = web.StreamResponse(status=200, headers=headers)
             await response.prepare(request)
         out = _ReplyWriter(response, rid, created, model, chat)
+        if stall_s:  # the stall fault: silent before the first token (headers sent), then on
+            await asyncio.sleep(stall_s)
         hashed = self.settings.caching
         shapes = [SequenceShape.of(text, _reply_text(pieces, chat), hashed=hashed)
                   for text, (pieces, _) in zip(cache_texts, replies, strict=True)]
@@ -276,12 +290,14 @@ class SimServer:
             else:
                 await _all_or_none(runs)
         except _Disconnect:
+            request[_DROPPED] = True
             if request.transport is not None:
                 request.transport.close()  # what was written goes out; the reply never ends
             raise asyncio.CancelledError from None
         except ConnectionResetError:
             if response is None:
                 raise
+            request[_LEFT] = True
             return response  # the client left mid-stream
         prompt_tokens = sum(tokens for _, tokens in gen.prompts)
         completion_tokens = sum(len(pieces) for pieces, _ in replies)
