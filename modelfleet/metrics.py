@@ -22,6 +22,10 @@ Per request (recorded by the retry loop, `client/attempt.py`, so every path coun
 - `modelfleet_request_attempts{model}`: servers tried per request (1: no retry).
 - `modelfleet_retries_total{model,reason}`: an attempt failed and another was made; reason
   is the failure (refused, timeout, server_error, backpressure, misconfigured).
+- `modelfleet_stream_continuations_total{model,outcome}`: a stream broke after its first
+  token; outcome is one of CONTINUATION_OUTCOMES: continued (it went on on another server),
+  unavailable (no server could go on, or its retries were spent), rejected (the server
+  asked to go on refused the continuation: a 4xx), off (continuation is turned off).
 - `modelfleet_hedges_total{model}` is reserved for hedged requests (issue 15); it is not
   exported until they exist.
 
@@ -61,6 +65,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 30.0)
 ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10)
+CONTINUATION_OUTCOMES = ("continued", "unavailable", "rejected", "off")
 
 _clock = time.perf_counter
 
@@ -108,6 +113,9 @@ class FleetMetrics:
                                   ("model",), buckets=ATTEMPT_BUCKETS, registry=registry)
         self.retries = Counter("modelfleet_retries_total", "Attempts that failed and were retried.",
                                ("model", "reason"), registry=registry)
+        self.continuations = Counter("modelfleet_stream_continuations_total",
+                                     "Streams broken after their first token, by what followed.",
+                                     ("model", "outcome"), registry=registry)
         self._models: dict[str, ModelMetrics] = {}
         self._routes: weakref.WeakSet[Route] = weakref.WeakSet()
         registry.register(ServerCollector(self))
@@ -138,7 +146,7 @@ class ModelMetrics:
     observes, no label resolution."""
 
     __slots__ = ("model", "_fleet", "duration", "ttft", "attempts", "_requests", "_retries",
-                 "cache_ratio", "_cache_seen")
+                 "_continuations", "cache_ratio", "_cache_seen")
 
     def __init__(self, fleet: FleetMetrics, model: str) -> None:
         self.model = model
@@ -150,6 +158,8 @@ class ModelMetrics:
         # Every reason from the start, at 0: a series that appears only with its first
         # retry makes rate() and the dashboard blind to that first one.
         self._retries = {failure: fleet.retries.labels(model, failure.value) for failure in Failure}
+        self._continuations = {outcome: fleet.continuations.labels(model, outcome)
+                               for outcome in CONTINUATION_OUTCOMES}
         self.cache_ratio: dict[str, float] = {}  # by server: the prefix-cache hit ratio
         self._cache_seen: dict[str, tuple[float, float]] = {}  # its last (hits, queries)
 
@@ -175,6 +185,10 @@ class ModelMetrics:
 
     def retried(self, failure: Failure) -> None:
         self._retries[failure].inc()
+
+    def continuation(self, outcome: str) -> None:
+        """A stream broke after its first token, and then `outcome` (CONTINUATION_OUTCOMES)."""
+        self._continuations[outcome].inc()
 
     def observe_cache(self, server: str, cache: CacheSample | None) -> None:
         """A probe's scrape of the server's prefix-cache counters: the ratio of hits to

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from modelfleet._exceptions import EngineFailure
@@ -42,8 +43,9 @@ def backoff_s(attempts: int, rng: random.Random) -> float:
 
 
 def send_with_retries(route: Route, work: Work, affinity: str | None, send: Send,
-                      rng: random.Random, *, whole: bool = False,
-                      answer: bool = True) -> Awaitable[tuple[Endpoint, Any, Work]]:
+                      rng: random.Random, *, whole: bool = False, answer: bool = True,
+                      exclude: tuple[str, ...] = (),
+                      counted: bool = True) -> Awaitable[tuple[Endpoint, Any, Work]]:
     """`send(server, deadline_s)` on servers of `route` until one succeeds; awaited, it
     returns that server's endpoint, what `send` returned, and the work as that server saw
     it (`Pool.served`: the pool's prefix index learns where the prompt went).
@@ -54,10 +56,13 @@ def send_with_retries(route: Route, work: Work, affinity: str | None, send: Send
     and its caller counts the request then (`route.metrics.finished`).
     Each attempt holds its endpoint's lease for exactly as long as it runs: for a
     stream, until its first token, which is as long as its prompt is being computed.
+    `exclude`: servers tried first only when no other is left (a continued stream's
+    broken one); `counted=False` leaves the metrics to the caller (a continuation is part
+    of its stream's request, not one of its own).
     """
     metrics = route.metrics  # None (no registry): the loop itself, not one frame more
-    if metrics is None:
-        return _attempts(route, work, affinity, send, rng, whole, answer, None)
+    if metrics is None or not counted:
+        return _attempts(route, work, affinity, send, rng, whole, answer, None, exclude)
     return _counted(route, work, affinity, send, rng, whole, answer, metrics.tally())
 
 
@@ -77,11 +82,11 @@ async def _counted(route: Route, work: Work, affinity: str | None, send: Send,
 
 async def _attempts(route: Route, work: Work, affinity: str | None, send: Send,
                     rng: random.Random, whole: bool, answer: bool,
-                    tally: Tally | None) -> tuple[Endpoint, Any, Work]:
+                    tally: Tally | None, exclude: tuple[str, ...] = ()) -> tuple[Endpoint, Any, Work]:
     routing = route.routing
     pool = route.pool
     route.budget.deposit()
-    state = route.first_try
+    state = replace(route.first_try, excluded=exclude) if exclude else route.first_try
     while True:
         endpoint = pool.choose(work, exclude=state.excluded, affinity=affinity)
         if endpoint is None and state.excluded:  # every server was tried: pause, then any

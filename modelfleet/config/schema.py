@@ -205,6 +205,9 @@ class RoutingSpec:
                                             help="retries per second allowed whatever the traffic")
     prefix_aware: bool = setting(True, kind="switch",
                                  help="send prompts that share a prefix where it is likely cached")
+    continue_streams: bool = setting(True, kind="switch",
+                                     help="a stream that breaks after its first token goes on "
+                                          "on another server")
 
 
 @dataclass(frozen=True)
