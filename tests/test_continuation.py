@@ -102,8 +102,9 @@ async def test_a_stream_whose_server_is_killed_mid_answer_completes_on_the_other
         metrics = generate_latest(registry).decode()
         assert metric_value(metrics, "modelfleet_stream_continuations_total",
                             {"outcome": "continued"}) == 1
-        assert metric_value(metrics, "modelfleet_requests_total",
-                            {"outcome": "ok", "server": stream.server}) == 2
+        assert metric_value(metrics, "modelfleet_requests_total", {"outcome": "ok"}) == 2
+        assert metric_value(metrics, "modelfleet_requests_total",  # on the server that ended it
+                            {"outcome": "ok", "server": stream.server}) >= 1
         assert metric_value(metrics, "modelfleet_requests_total", {"outcome": "interrupted"}) == 0
 
 
