@@ -26,6 +26,10 @@ Per request (recorded by the retry loop, `client/attempt.py`, so every path coun
   client/hedge.py); outcome: sent (a copy went to another server), won (the copy's first
   token came first), lost (the original's did), denied_by_budget (no copy: the hedge
   budget was spent). Recorded by the race itself, so only where hedging is on.
+- `modelfleet_stream_continuations_total{model,outcome}`: a stream broke after its first
+  token; outcome is one of CONTINUATION_OUTCOMES: continued (it went on on another server),
+  unavailable (no server could go on, or its retries were spent), rejected (the server
+  asked to go on refused the continuation: a 4xx), off (continuation is turned off).
 
 Per server, read from the routing state when Prometheus scrapes (nothing on the hot
 path): `modelfleet_server_usable`, `modelfleet_server_state{state}` (up, degraded,
@@ -63,6 +67,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                 30.0)
 ATTEMPT_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10)
+CONTINUATION_OUTCOMES = ("continued", "unavailable", "rejected", "off")
 
 _clock = time.perf_counter
 
@@ -112,6 +117,9 @@ class FleetMetrics:
                                ("model", "reason"), registry=registry)
         self.hedges = Counter("modelfleet_hedges_total", "Hedged requests by outcome.",
                               ("model", "outcome"), registry=registry)
+        self.continuations = Counter("modelfleet_stream_continuations_total",
+                                     "Streams broken after their first token, by what followed.",
+                                     ("model", "outcome"), registry=registry)
         self._models: dict[str, ModelMetrics] = {}
         self._routes: weakref.WeakSet[Route] = weakref.WeakSet()
         registry.register(ServerCollector(self))
@@ -142,7 +150,7 @@ class ModelMetrics:
     observes, no label resolution."""
 
     __slots__ = ("model", "_fleet", "duration", "ttft", "attempts", "_requests", "_retries",
-                 "_hedges", "cache_ratio", "_cache_seen")
+                 "_hedges", "_continuations", "cache_ratio", "_cache_seen")
 
     def __init__(self, fleet: FleetMetrics, model: str) -> None:
         self.model = model
@@ -155,6 +163,8 @@ class ModelMetrics:
         # retry makes rate() and the dashboard blind to that first one.
         self._retries = {failure: fleet.retries.labels(model, failure.value) for failure in Failure}
         self._hedges = {outcome: fleet.hedges.labels(model, outcome) for outcome in HEDGE_OUTCOMES}
+        self._continuations = {outcome: fleet.continuations.labels(model, outcome)
+                               for outcome in CONTINUATION_OUTCOMES}
         self.cache_ratio: dict[str, float] = {}  # by server: the prefix-cache hit ratio
         self._cache_seen: dict[str, tuple[float, float]] = {}  # its last (hits, queries)
 
@@ -183,6 +193,9 @@ class ModelMetrics:
 
     def hedged(self, outcome: str) -> None:
         self._hedges[outcome].inc()
+    def continuation(self, outcome: str) -> None:
+        """A stream broke after its first token, and then `outcome` (CONTINUATION_OUTCOMES)."""
+        self._continuations[outcome].inc()
 
     def observe_cache(self, server: str, cache: CacheSample | None) -> None:
         """A probe's scrape of the server's prefix-cache counters: the ratio of hits to

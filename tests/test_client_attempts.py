@@ -218,7 +218,7 @@ async def test_a_stream_moves_before_its_first_token_and_not_after() -> None:
         assert stream.server == B and fleet.calls == [A, B] and stream.finish_reason == "stop"
 
         fleet.behaviours[B] = broken(2, ConnectionResetError(104, "Connection reset by peer"))
-        stream = client.chat_stream("m", USER)
+        stream = client.chat_stream("m", USER, continue_stream=False)  # (on: test_continuation)
         with pytest.raises(StreamInterrupted) as caught:
             async for _ in stream:
                 pass
@@ -332,7 +332,7 @@ async def test_a_bad_chunk_after_the_first_token_interrupts_the_stream() -> None
     bad = {"choices": [{"index": 0, "delta": {"content": 42}, "finish_reason": None}]}
     fleet = Fleet({A: streaming(token, bad), B: ok})
     async with fleet.client() as client:
-        stream = client.chat_stream("m", USER)
+        stream = client.chat_stream("m", USER, continue_stream=False)
         with pytest.raises(StreamInterrupted, match="the text is a number") as caught:
             async for _ in stream:
                 pass

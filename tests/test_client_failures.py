@@ -102,7 +102,8 @@ async def test_a_stream_broken_after_its_first_token_raises_stream_interrupted(s
     got: list[str] = []
     async with AsyncModelServer(config=fleet([sim])) as client:
         with pytest.raises(StreamInterrupted) as caught:
-            async for piece in client.chat_stream("m", MESSAGES, max_tokens=20):
+            async for piece in client.chat_stream("m", MESSAGES, max_tokens=20,
+                                                  continue_stream=False):
                 got.append(piece)
     assert len(got) == 3
     assert caught.value.text_so_far == "".join(got) and caught.value.server == sim.address
@@ -114,7 +115,7 @@ def test_sync_stream_broken_after_first_token(start_sim) -> None:
     got: list[str] = []
     with ModelServer(config=fleet([sim], stall_timeout_s=0.5)) as client:
         with pytest.raises(StreamInterrupted) as caught:
-            for piece in client.chat_stream("m", MESSAGES, max_tokens=20):
+            for piece in client.chat_stream("m", MESSAGES, max_tokens=20, continue_stream=False):
                 got.append(piece)
     assert len(got) == 2 and caught.value.text_so_far == "".join(got)
 

@@ -125,12 +125,15 @@ async def test_outcomes_retries_and_attempts_are_counted(start_sim) -> None:
         await stream.aclose()
         assert value("modelfleet_requests_total", outcome="cancelled") == 1
 
-        slow = client.chat_stream("m", MESSAGES, max_tokens=2000)  # minutes at 50 tokens/s
+        slow = client.chat_stream("m", MESSAGES, max_tokens=2000,  # minutes at 50 tokens/s
+                                  continue_stream=False)  # (continued: test_continuation.py)
         with pytest.raises(StreamInterrupted):
             async for _ in slow:
                 if b.alive:
                     b.kill()
         assert value("modelfleet_requests_total", outcome="interrupted", server=b.address) == 1
+        assert value("modelfleet_stream_continuations_total", outcome="off") == 1
+        assert value("modelfleet_stream_continuations_total", outcome="continued") == 0
 
         with pytest.raises(NoServerAvailable):
             await client.chat("m", MESSAGES, max_tokens=4)

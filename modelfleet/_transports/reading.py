@@ -92,6 +92,13 @@ class TokenStream:
             return self._pending.popleft()
         return None
 
+    def unread(self) -> list[str]:
+        """The deltas read but never handed out: a read that failed may have taken some
+        before the failure. A stream continued elsewhere gives them to its caller first."""
+        pieces = list(self._pending)
+        self._pending.clear()
+        return pieces
+
     async def read_all(self) -> None:
         """Read to the end without handing deltas out one by one."""
         while not self._done:

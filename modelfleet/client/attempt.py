@@ -20,6 +20,7 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from modelfleet._exceptions import EngineFailure
@@ -46,7 +47,8 @@ def backoff_s(attempts: int, rng: random.Random) -> float:
 
 def send_with_retries(route: Route, work: Work, affinity: str | None, send: Send,
                       rng: random.Random, *, whole: bool = False, answer: bool = True,
-                      hedge: bool = False) -> Awaitable[tuple[Endpoint, Any, Work]]:
+                      hedge: bool = False, exclude: tuple[str, ...] = (),
+                      counted: bool = True) -> Awaitable[tuple[Endpoint, Any, Work]]:
     """`send(server, deadline_s)` on servers of `route` until one succeeds; awaited, it
     returns that server's endpoint, what `send` returned, and the work as that server saw
     it (`Pool.served`: the pool's prefix index learns where the prompt went).
@@ -59,11 +61,15 @@ def send_with_retries(route: Route, work: Work, affinity: str | None, send: Send
     stream, until its first token, which is as long as its prompt is being computed.
     `hedge`: `send` returns at its first token or calls `hedge.first_token_seen()`, so
     its attempts may be hedged (when the model's routing says so).
+    `exclude`: servers tried first only when no other is left (a continued stream's
+    broken one); `counted=False` leaves the metrics to the caller (a continuation is part
+    of its stream's request, not one of its own).
     """
     metrics = route.metrics  # None (no registry): the loop itself, not one frame more
-    if metrics is None:
-        return _attempts(route, work, affinity, send, rng, whole, answer, None, hedge)
-    return _counted(route, work, affinity, send, rng, whole, answer, metrics.tally(), hedge)
+    if metrics is None or not counted:
+        return _attempts(route, work, affinity, send, rng, whole, answer, None, hedge, exclude)
+    return _counted(route, work, affinity, send, rng, whole, answer, metrics.tally(), hedge,
+                    exclude)
 
 
 def _deadline(endpoint: Endpoint, route: Route, work: Work, whole: bool) -> float:
@@ -75,11 +81,12 @@ def _deadline(endpoint: Endpoint, route: Route, work: Work, whole: bool) -> floa
 
 async def _counted(route: Route, work: Work, affinity: str | None, send: Send,
                    rng: random.Random, whole: bool, answer: bool,
-                   tally: Tally, hedge: bool) -> tuple[Endpoint, Any, Work]:
+                   tally: Tally, hedge: bool,
+                   exclude: tuple[str, ...]) -> tuple[Endpoint, Any, Work]:
     """The loop, with the request's outcome, attempts and latency recorded."""
     try:
         endpoint, value, seen = await _attempts(route, work, affinity, send, rng, whole,
-                                                answer, tally, hedge)
+                                                answer, tally, hedge, exclude)
     except BaseException as exc:
         tally.failed(exc)
         raise
@@ -89,14 +96,15 @@ async def _counted(route: Route, work: Work, affinity: str | None, send: Send,
 
 async def _attempts(route: Route, work: Work, affinity: str | None, send: Send,
                     rng: random.Random, whole: bool, answer: bool,
-                    tally: Tally | None, hedge: bool = False) -> tuple[Endpoint, Any, Work]:
+                    tally: Tally | None, hedge: bool = False,
+                    exclude: tuple[str, ...] = ()) -> tuple[Endpoint, Any, Work]:
     routing = route.routing
     pool = route.pool
     route.budget.deposit()
     hedging = route.hedging if hedge else None
     if hedging is not None:
         hedging.budget.deposit()
-    state = route.first_try
+    state = replace(route.first_try, excluded=exclude) if exclude else route.first_try
     while True:
         endpoint = pool.choose(work, exclude=state.excluded, affinity=affinity)
         if endpoint is None and state.excluded:  # every server was tried: pause, then any

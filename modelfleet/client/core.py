@@ -14,20 +14,21 @@ import os
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from modelfleet._exceptions import EngineFailure
 from modelfleet._transports.base import AsyncBaseTransport
 from modelfleet._transports.models import Embeddings, Generation
 from modelfleet._transports.reading import TokenStream
 from modelfleet.client.attempt import send_with_retries
+from modelfleet.client.continuation import Opened, follow
 from modelfleet.client.hedge import generate_hedgeable, hedge_counts
 from modelfleet.client.relay import RelayAnswer, RelayStream, relay_stream, relay_whole
 from modelfleet.client.route import Route
 from modelfleet.client.types import ChatResult, ChatStream, EmbedResult, ModelStatus, StreamProgress
 from modelfleet.config import FleetConfig, ServerSpec, load_config
-from modelfleet.errors import NoServerAvailable, StreamInterrupted, UsageError
+from modelfleet.errors import NoServerAvailable, UsageError
 from modelfleet.probe import apply_probe, benchmark_work, probe_server
 from modelfleet.routing import Failure, Health, Work, prompt_blocks
 from modelfleet.routing.blocks import render_messages
@@ -114,21 +115,23 @@ class AsyncModelServer:
 
     def chat_stream(self, model: str, messages: Sequence[Mapping[str, Any]], *,
                     affinity: str | None = None, prefix_aware: bool = True,
-                    **params: Any) -> ChatStream:
+                    continue_stream: bool | None = None, **params: Any) -> ChatStream:
         """Text deltas of a chat completion as they come (`async for piece in ...`).
 
-        Moves to another server only before the first token; a break after it raises
+        A break after the first token is continued on another server, as one stream
+        (`client/continuation.py`), unless `continue_stream=False` (or `routing:
+        {continue_streams: false}`); then, or when no server can go on, it raises
         `StreamInterrupted` with the text so far. Leaving early (break, aclose,
         cancellation) closes the connection, so the engine aborts the request.
         """
         progress = StreamProgress()
         return ChatStream(progress, self._stream_chat(progress, model, messages, affinity, params,
-                                                      prefix_aware))
+                                                      prefix_aware, continue_stream))
 
     async def _stream_chat(self, progress: StreamProgress, model: str,
                            messages: Sequence[Mapping[str, Any]], affinity: str | None,
                            params: dict[str, Any], prefix_aware: bool = True,
-                           ) -> AsyncIterator[str]:
+                           continue_stream: bool | None = None) -> AsyncIterator[str]:
         route = self._ready_now(model, "chat") or await self._ready(model, "chat")
         body = {**params, "model": route.spec.wire_name, "messages": list(messages)}
         work = _with_blocks(route, Work.for_chat(messages, _max_tokens(params)), prefix_aware,
@@ -158,33 +161,12 @@ class AsyncModelServer:
             self._maybe_benchmark(route)
             raise
         progress.server, progress.tokens = endpoint.address, stream
-        # The opening was one attempt under its own lease; the rest of the stream holds
-        # another on the same endpoint, taken with no await in between.
-        with endpoint.lease():
-            finished = False
-            try:
-                if first:
-                    yield first
-                try:
-                    async for piece in stream:
-                        yield piece
-                except EngineFailure as exc:
-                    endpoint.observe_failure(exc.failure, exc.reason,
-                                             retry_after_s=exc.retry_after_s)
-                    raise StreamInterrupted(stream.text, endpoint.address, exc.reason) from None
-                finished = True
-                generation = stream.generation()
-                endpoint.observe_success(ttft_s=generation.ttft_s, total_s=generation.total_s,
-                                         work=work, output_tokens=generation.output_tokens)
-            except BaseException as exc:  # (GeneratorExit too: the caller left early)
-                if metrics is not None:
-                    metrics.finished(endpoint.address, started, exc)
-                raise
-            finally:
-                if not finished:
-                    stream.close()
-        if metrics is not None:
-            metrics.finished(endpoint.address, started)
+        go_on = route.routing.continue_streams if continue_stream is None else continue_stream
+        async with aclosing(follow(route, transport, self._rng, progress,
+                                   Opened(endpoint, stream, first, work), "/v1/chat/completions",
+                                   body, started=started, go_on=go_on)) as pieces:
+            async for piece in pieces:  # (closed with this one: its lease ends at once)
+                yield piece
         self._maybe_benchmark(route)
 
     async def embed(self, model: str, inputs: str | Sequence[str], *, as_numpy: bool = False,

@@ -26,18 +26,45 @@ class ChatResult:
 
 @dataclass
 class StreamProgress:
-    """Where a stream is answered from, and its tokens so far (filled in as it goes)."""
+    """Where a stream is answered from, and its tokens so far (filled in as it goes).
+
+    A stream continued on another server (`client/continuation.py`) keeps what the
+    servers before the current one gave in `earlier_text` / `earlier_tokens`."""
 
     server: str | None = None
     tokens: TokenStream | None = None
+    earlier_text: str = ""
+    earlier_tokens: int = 0  # completion tokens the earlier servers produced
+    continuations: int = 0
+    finish_reason: str | None = None  # set when the stream ended without its server's word
+
+    def text(self) -> str:
+        tokens = self.tokens
+        return self.earlier_text + tokens.text if tokens is not None else self.earlier_text
+
+    def usage(self) -> dict[str, int]:
+        """The current server's usage; after a continuation the answer's as a whole:
+        completion tokens summed over the servers, prompt tokens the original prompt's
+        (the continuation's prompt, which held the answer so far, less the tokens of it)."""
+        usage = dict(self.tokens.usage) if self.tokens is not None else {}
+        earlier = self.earlier_tokens
+        if not earlier or not usage:
+            return usage
+        completion = usage.get("completion_tokens", 0) + earlier
+        prompt = max(0, usage.get("prompt_tokens", 0) - earlier)
+        usage.update(prompt_tokens=prompt, completion_tokens=completion,
+                     total_tokens=prompt + completion)
+        return usage
 
 
 class ChatStream:
     """The text deltas of one streamed chat completion, as an async iterator.
 
-    `server` is the host:port answering once the first token came (None before);
-    `text`, `usage` and `finish_reason` fill in as the stream goes. Dropping it, `break`,
-    `aclose()` or leaving an `async with` block cancels the request upstream.
+    `server` is the host:port answering once the first token came (None before; after a
+    continuation, the server that continued it); `text`, `usage` and `finish_reason` fill
+    in as the stream goes, for the whole answer however many servers gave it
+    (`continuations`: how many times it moved). Dropping it, `break`, `aclose()` or
+    leaving an `async with` block cancels the request upstream.
     """
 
     def __init__(self, progress: StreamProgress, pieces: AsyncIterator[str]) -> None:
@@ -53,18 +80,23 @@ class ChatStream:
     @property
     def text(self) -> str:
         """Everything received so far."""
-        tokens = self._progress.tokens
-        return tokens.text if tokens is not None else ""
+        return self._progress.text()
 
     @property
     def usage(self) -> Mapping[str, int]:
-        tokens = self._progress.tokens
-        return dict(tokens.usage) if tokens is not None else {}
+        return self._progress.usage()
 
     @property
     def finish_reason(self) -> str | None:
         tokens = self._progress.tokens
-        return tokens.finish_reason if tokens is not None else None
+        if tokens is not None and tokens.finish_reason is not None:
+            return tokens.finish_reason
+        return self._progress.finish_reason
+
+    @property
+    def continuations(self) -> int:
+        """How many times the stream broke and went on on another server."""
+        return self._progress.continuations
 
     def __aiter__(self) -> ChatStream:
         return self
@@ -117,6 +149,10 @@ class SyncChatStream:
     @property
     def finish_reason(self) -> str | None:
         return self._stream.finish_reason
+
+    @property
+    def continuations(self) -> int:
+        return self._stream.continuations
 
     def __iter__(self) -> SyncChatStream:
         return self

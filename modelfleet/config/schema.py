@@ -213,6 +213,9 @@ class RoutingSpec:
         "seconds: a copy to another server when no first token came by then")
     hedge_budget: float = setting(0.05, kind="number", minimum=0, maximum=1,
                                   help="hedges as a fraction of recent requests, at most")
+    continue_streams: bool = setting(True, kind="switch",
+                                     help="a stream that breaks after its first token goes on "
+                                          "on another server")
 
 
 @dataclass(frozen=True)

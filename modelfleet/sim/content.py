@@ -85,15 +85,22 @@ def _rng(seed: int, prompt: str) -> random.Random:
     return random.Random(int.from_bytes(digest, "little"))
 
 
-def reply_pieces(seed: int, prompt: str, max_tokens: int, leading_space: bool) -> tuple[list[str], str]:
+def reply_pieces(seed: int, prompt: str, max_tokens: int, leading_space: bool,
+                 skip: int = 0) -> tuple[list[str], str]:
     """The reply's tokens (one string per streamed delta) and its finish reason.
 
     The reply's natural length is drawn from 1..256, so with the usual small
     `max_tokens` it is usually cut at `max_tokens` ("length"), and sometimes
     ends earlier on its own ("stop"), as sampling from a real model does.
+
+    `skip` continues a reply whose first `skip` tokens were already given
+    (`continue_final_message`): the pieces after them, at most `max_tokens`, so a
+    reply cut after k tokens and continued with max_tokens less k is, joined, the
+    reply the same server would have given unbroken. It always has a token to add.
     """
     rng = _rng(seed, prompt)
-    natural = rng.randint(1, 256)
+    natural = max(rng.randint(1, 256), skip + 1)
+    max_tokens += skip
     n = min(max_tokens, natural)
     finish = "length" if n == max_tokens else "stop"
     pieces: list[str] = []
@@ -113,7 +120,7 @@ def reply_pieces(seed: int, prompt: str, max_tokens: int, leading_space: bool) -
         space = " " if (i > 0 or leading_space) else ""
         pieces.append(space + word)
         since_stop += 1
-    return pieces, finish
+    return pieces[skip:], finish
 
 
 @lru_cache(maxsize=4096)

@@ -233,12 +233,19 @@ class SimServer:
             wire.check_model(body, self.settings.model)
             if self.settings.kind != "chat":
                 raise self._wrong_kind("Chat Completions")
-            text, tokens = content.chat_prompt(messages)
+            skip = 0
+            if wire.check_continuation(body, messages):  # the reply so far, then the rest
+                text, tokens = content.chat_prompt(messages[:-1])
+                skip = content.count_tokens(content.message_text(messages[-1].get("content")))
+                tokens += skip
+            else:
+                text, tokens = content.chat_prompt(messages)
             gen = wire.check_generation(body, chat=True, max_model_len=self.settings.max_model_len,
                                         prompts=[(text, tokens)])
         except ApiError as exc:
             return _error(exc)
-        return await self._generate(request, gen, chat=True, cache_texts=[render_messages(messages)])
+        return await self._generate(request, gen, chat=True, cache_texts=[render_messages(messages)],
+                                    skip=skip)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -256,14 +263,16 @@ class SimServer:
         return await self._generate(request, gen, chat=False, cache_texts=[t for t, _ in counted])
 
     async def _generate(self, request: web.Request, gen: wire.Generation, *, chat: bool,
-                        cache_texts: list[str]) -> web.StreamResponse:
+                        cache_texts: list[str], skip: int = 0) -> web.StreamResponse:
         """Run every prompt of the request through the engine at once; reply or stream.
 
         `cache_texts` are the prompts as the client renders them (routing.blocks): what
-        the KV cache hashes, so that client and sim agree on every prefix.
+        the KV cache hashes, so that client and sim agree on every prefix. `skip`: the
+        reply's tokens the request already holds (`continue_final_message`).
         """
         seed, model = self.settings.seed, self.settings.model
-        replies = [content.reply_pieces(seed, text, gen.max_tokens, leading_space=not chat)
+        replies = [content.reply_pieces(seed, text, gen.max_tokens, leading_space=not chat,
+                                        skip=skip)
                    for text, _ in gen.prompts]
         rid = wire.new_id("chatcmpl" if chat else "cmpl")
         created = int(time.time())

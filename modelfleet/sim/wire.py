@@ -179,6 +179,41 @@ def check_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return messages
 
 
+def check_continuation(body: dict[str, Any], messages: list[dict[str, Any]]) -> bool:
+    """Whether the chat continues its final (assistant) message, checked as vLLM 0.32 does.
+
+    `continue_final_message: true` needs `add_generation_prompt: false`: both true is
+    refused by vLLM's request validation, and left out (it defaults to true) by the
+    chat template (transformers' wording). A last message that is not the assistant's
+    is refused in the words of vLLM's Mistral tokenizer check (HF templates would
+    continue whatever the last message is; a continuation of a user turn is never what
+    a client means).
+    """
+    flag = body.get("continue_final_message", False)
+    if not isinstance(flag, bool):
+        raise _pydantic_error("bool_type", "body.continue_final_message",
+                              "Input should be a valid boolean", flag)
+    primer = body.get("add_generation_prompt", True)
+    if not isinstance(primer, bool):
+        raise _pydantic_error("bool_type", "body.add_generation_prompt",
+                              "Input should be a valid boolean", primer)
+    if not flag:
+        return False
+    if body.get("add_generation_prompt"):
+        raise ApiError(400, "Cannot set both `continue_final_message` and "
+                            "`add_generation_prompt` to True.")
+    if primer:
+        raise ApiError(400, "continue_final_message and add_generation_prompt are not "
+                            "compatible. Use continue_final_message when you want the model to "
+                            "continue the final message, and add_generation_prompt when you "
+                            "want to add a header that will prompt it to start a new assistant "
+                            "message instead.")
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ApiError(400, "Cannot set `continue_final_message` to True when the last "
+                            "message is not from the assistant.")
+    return True
+
+
 def check_inputs(body: dict[str, Any], key: str) -> list[str | list[int]]:
     """A completions `prompt` or embeddings `input`: text, texts, token ids, or lists of ids."""
     if key not in body:

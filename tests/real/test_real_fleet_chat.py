@@ -3,7 +3,8 @@
 The replicas start once for the module (about 40 s on 2 cores) and every test makes its
 own client from a fleet file with the routing it needs: round_robin where a test counts
 which server got what (the policy's choices are then known), fast probing where a test
-waits for a server to come back. The kill test runs last: it leaves a restarted replica.
+waits for a server to come back. The two kill tests run last (the stream one waits for its
+replica's restart; the last one leaves a restarted replica).
 """
 
 from __future__ import annotations
@@ -243,6 +244,34 @@ def test_the_gateway_serves_the_replicas_to_the_openai_client(fleet: ChatFleet) 
         assert not [line for line in metrics.splitlines() if line.startswith("vllm:")]
     finally:
         assert gw.stop() == 0, gw.output()
+
+
+def test_a_stream_outlives_the_replica_killed_under_it(fleet: ChatFleet) -> None:
+    """SIGKILL the replica serving a stream mid-answer: the caller's stream goes on on the
+    other replica (vLLM's `continue_final_message`), as one stream, with no error and the
+    tokens asked for. The launcher restarts the killed replica; the test waits for it (the
+    kill test below needs both)."""
+    with fleet.client("continue", **QUIET) as client:
+        warm_up(client)
+        prompt_tokens = client.chat(MODEL, HI, max_tokens=1).usage["prompt_tokens"]
+        stream = client.chat_stream(MODEL, HI, max_tokens=300, ignore_eos=True, temperature=0)
+        pieces: list[str] = []
+        victim, old_pid = None, None
+        for piece in stream:
+            pieces.append(piece)
+            if len(pieces) == 5:  # a few tokens in; hundreds to go
+                victim = stream.server
+                old_pid = fleet.launched.servers()[victim]
+                os.kill(old_pid, signal.SIGKILL)
+        assert victim is not None and old_pid is not None
+        survivor = next(a for a in fleet.addresses if a != victim)
+        assert stream.server == survivor and stream.continuations == 1
+        assert "".join(pieces) == stream.text and len(pieces) > 5
+        assert stream.finish_reason == "length"
+        assert stream.usage["completion_tokens"] == 300, stream.usage  # one token a delta
+        # the continuation's prompt held the answer so far, re-tokenized: about the same count
+        assert abs(stream.usage["prompt_tokens"] - prompt_tokens) <= 2, stream.usage
+    fleet.launched.wait_running(not_pids=frozenset({old_pid}))
 
 
 def test_a_killed_replica_costs_callers_nothing_and_comes_back(fleet: ChatFleet) -> None:
