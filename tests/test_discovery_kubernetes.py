@@ -315,6 +315,15 @@ async def test_a_wrong_token_is_an_error_without_the_token(api, config_file, wat
     assert wrong not in caplog.text
 
 
+async def test_a_message_that_echoes_the_token_is_scrubbed(api, config_file, watching):
+    # Some proxies echo request headers in their error pages: whatever the failure
+    # says, the credentials the client was loaded with never come out.
+    watcher = watching(Spec(kubeconfig=config_file(api.url)))
+    await watcher.until("listed", lambda: watcher.last_good is not None)
+    why = watcher.source._why("list", RuntimeError(f"bad gateway for Authorization: Bearer {TOKEN}"))
+    assert TOKEN not in why and "***" in why
+
+
 async def test_cancelling_closes_the_watch(api, config_file):
     api.put(slice_a(endpoint("10.1.0.1")))
     watcher = Watcher(KubernetesSource(Spec(kubeconfig=config_file(api.url)), backoff=FAST))
