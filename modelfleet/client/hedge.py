@@ -175,6 +175,9 @@ class Hedging:
                     for other in pending:
                         if other is not copy:
                             other.cancel()
+                            if other is copies[0]:  # waited past its delay and then some
+                                other.endpoint.observe_silent_loss(
+                                    time.perf_counter() - other.started)
                     self.count(route, "won" if copy is not copies[0] else "lost")
                     if tally is not None:
                         tally.server, tally.attempt_started = copy.endpoint.address, copy.started
