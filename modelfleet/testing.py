@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 HOST = "127.0.0.1"
 # Calls to local sims go straight there, never through an http_proxy from the environment.
@@ -120,21 +121,26 @@ def metric_value(metrics_text: str, name: str, labels: dict[str, str] | None = N
 
 
 # --------------------------------------------------------------------------------------------
-# `modelfleet sim` as a subprocess.
+# `modelfleet sim` and `modelfleet gateway` as subprocesses.
 # --------------------------------------------------------------------------------------------
 
 def sim_argv(port: int, model: str, kind: str = "chat", host: str = HOST,
              **flags: object) -> list[str]:
     """`python -m modelfleet sim ...`; flags by name (speed=50 -> --speed 50, True -> bare)."""
-    argv = [sys.executable, "-m", "modelfleet", "sim", "--host", host, "--port", str(port),
-            "--model", model, "--kind", kind]
+    return [sys.executable, "-m", "modelfleet", "sim", "--host", host, "--port", str(port),
+            "--model", model, "--kind", kind, *_flag_args(flags)]
+
+
+def _flag_args(flags: Mapping[str, object]) -> list[str]:
+    """Command-line flags by name: speed=50 -> --speed 50, True -> bare, False/None -> left out."""
+    args: list[str] = []
     for key, value in flags.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
-            argv.append(flag)
+            args.append(flag)
         elif value is not False and value is not None:
-            argv += [flag, str(value)]
-    return argv
+            args += [flag, str(value)]
+    return args
 
 
 def die_with_parent() -> None:
@@ -144,23 +150,25 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-class SimProcess:
-    """One `modelfleet sim` on a loopback port, in a process group of its own.
+_P = TypeVar("_P", bound="ServerProcess")
+
+
+class ServerProcess:
+    """One server of ours (a sim, a gateway) on a loopback port, in a process group of its own.
 
     Its own group, so a Ctrl-C at the terminal reaches only whoever started it, which then
     stops it in order; on Linux it also gets SIGTERM if its starter dies without stopping it.
     Its output goes to `log_path`, or to a pipe (`stderr_text()`) without one.
     """
 
-    def __init__(self, port: int, model: str = "m", kind: str = "chat", *, host: str = HOST,
-                 flags: Mapping[str, object] | None = None, log_path: Path | None = None) -> None:
+    what = "server"  # for messages
+
+    def __init__(self, argv: Sequence[str], port: int, *, host: str = HOST,
+                 log_path: Path | None = None) -> None:
+        self.argv = list(argv)
         self.port = port
-        self.model = model
-        self.kind = kind
         self.host = host
-        self.flags = dict(flags or {})
         self.log_path = log_path
-        self.argv = sim_argv(port, model, kind, host, **self.flags)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -175,7 +183,7 @@ class SimProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def spawn(self) -> SimProcess:
+    def spawn(self: _P) -> _P:
         """Start it; /health answers soon after (wait_ready)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # The parent-death signal follows the thread that started the child, and a pool's
@@ -193,7 +201,7 @@ class SimProcess:
                 stderr=subprocess.PIPE, env=env, start_new_session=True, preexec_fn=preexec)
         return self
 
-    def wait_ready(self, timeout: float = 30.0) -> SimProcess:
+    def wait_ready(self: _P, timeout: float = 30.0) -> _P:
         """Until /health answers 200; RuntimeError with its output if it died or never did."""
         assert self.proc is not None, "spawn() it first"
         try:
@@ -202,7 +210,7 @@ class SimProcess:
             self.stop()
             output = self.output()
             self.close()
-            raise RuntimeError(f"sim did not start: {exc}\n{output}") from None
+            raise RuntimeError(f"{self.what} did not start: {exc}\n{output}") from None
         return self
 
     def output(self) -> str:
@@ -215,11 +223,6 @@ class SimProcess:
         if self.proc is not None and self.proc.stderr is not None and self.proc.poll() is not None:
             return self.proc.stderr.read().decode(errors="replace")
         return ""
-
-    def fault(self, **fault: object) -> dict:
-        status, body = http_json(f"{self.url}/sim/fault", fault)
-        assert status == 200, body
-        return body
 
     def metrics(self) -> str:
         return http_text(f"{self.url}/metrics")
@@ -254,3 +257,36 @@ class SimProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=5)
+
+
+class SimProcess(ServerProcess):
+    """One `modelfleet sim` (see ServerProcess), with its fault switch."""
+
+    what = "sim"
+
+    def __init__(self, port: int, model: str = "m", kind: str = "chat", *, host: str = HOST,
+                 flags: Mapping[str, object] | None = None, log_path: Path | None = None) -> None:
+        self.model = model
+        self.kind = kind
+        self.flags = dict(flags or {})
+        super().__init__(sim_argv(port, model, kind, host, **self.flags), port, host=host,
+                         log_path=log_path)
+
+    def fault(self, **fault: object) -> dict:
+        status, body = http_json(f"{self.url}/sim/fault", fault)
+        assert status == 200, body
+        return body
+
+
+class GatewayProcess(ServerProcess):
+    """One `modelfleet gateway` for the fleet file `config` (see ServerProcess); extra flags
+    by name as for sims (workers=2 -> --workers 2)."""
+
+    what = "gateway"
+
+    def __init__(self, config: Path | str, port: int, *, host: str = HOST,
+                 log_path: Path | None = None, **flags: object) -> None:
+        self.config = Path(config)
+        argv = [sys.executable, "-m", "modelfleet", "gateway", "-c", str(config),
+                "--host", host, "--port", str(port), *_flag_args(flags)]
+        super().__init__(argv, port, host=host, log_path=log_path)
