@@ -27,9 +27,9 @@ from pathlib import Path
 from modelfleet.config import FleetConfig
 from modelfleet.errors import ConfigError, FleetError, GpuProbeError, UsageError
 
-from .commands import LaunchSpec, build_launch
+from .commands import LaunchSpec, build_gateway_launch, build_launch
 from .gpus import DescribedGpuProbe, GpuProbe, NvmlProbe
-from .hosts import LocalServer, select_servers
+from .hosts import LocalServer, gateway_is_here, select_servers
 from .memory import plan_memory, start_groups
 from .supervisor import ServerProcess, Supervisor, SupervisorOptions
 
@@ -122,9 +122,26 @@ class Planner:
         self.log_dir = Path(args.log_dir)
         self.fake_gpus: str | None = args.fake_gpus
         self.probe: GpuProbe | None = None
+        self.config: FleetConfig | None = None  # the one planned last
+
+    def gateway(self, config: FleetConfig, config_path: Path) -> tuple[LaunchSpec, object] | None:
+        """The gateway's launch, when the fleet file starts it on this host (and the
+        settings a reload compares: a changed fleet restarts it)."""
+        if self.only is not None or not gateway_is_here(config, host=self.host):
+            return None
+        from modelfleet.config import fleet_to_dict
+
+        spec = build_gateway_launch(config_path, config.gateway, self.log_dir)
+        return spec, fleet_to_dict(config, mask_secrets=False)
 
     def plan(self, config: FleetConfig, *, reload: bool = False) -> list[tuple[LocalServer, LaunchSpec]]:
-        mine = select_servers(config, host=self.host, only=self.only, allow_empty=reload)
+        alone = self.only is None and gateway_is_here(config, host=self.host)
+        mine = select_servers(config, host=self.host, only=self.only, allow_empty=reload or alone)
+        gateway_port = config.gateway.port if alone else None
+        for local in mine:
+            if local.server.port == gateway_port:
+                raise UsageError(f"gateway.port {gateway_port} is also the port of {local.label} "
+                                 "on this machine; give one of them another port")
         gpus = None
         needers = [s for s in mine if s.needs_nvml]
         if self.fake_gpus:
@@ -135,6 +152,7 @@ class Planner:
             if self.probe is None:
                 self.probe = NvmlProbe(needed_by=", ".join(s.label for s in needers))
             gpus = self.probe.read()
+        self.config = config
         shares = plan_memory(mine, gpus)
         return [(local, build_launch(local, shares[local.key], self.log_dir)) for local in mine]
 
@@ -170,6 +188,11 @@ def print_dry_run(config_path: Path, planned: Sequence[tuple[LocalServer, Launch
             memory = "; ".join(parts)
         print(f"  memory: {memory}")
         print(f"  log: {spec.log_path}")
+    gateway = planner.gateway(planner.config, config_path) if planner.config else None
+    if gateway is not None:
+        print(gateway[0].label)
+        print(f"  argv: {gateway[0].shown_argv()}")
+        print(f"  log: {gateway[0].log_path}")
     print("start order:")
     groups = start_groups([local for local, _ in planned])
     together = [g[0].label for g in groups if len(g) == 1]
@@ -247,7 +270,9 @@ def serve(args: argparse.Namespace) -> int:
 
     log.info("serving %d servers of %s on this host; GPUs: %s; logs in %s/",
              len(planned), config_path, gpu_note(planner.probe), args.log_dir)
-    supervisor.apply((spec, local.settings()) for local, spec in planned)
+    gateway = planner.gateway(config, config_path)
+    supervisor.apply([*((spec, local.settings()) for local, spec in planned),
+                      *([gateway] if gateway else [])])
     try:
         while True:
             wake.wait(1.0)
@@ -279,7 +304,9 @@ def reload(config_path: Path, planner: Planner, supervisor: Supervisor) -> None:
         log.error("reload failed, the servers keep running as they are:\n%s", exc)
         return
     supervisor.probe = planner.probe
-    added, removed, changed = supervisor.apply((spec, local.settings()) for local, spec in planned)
-    kept = len(planned) - len(added) - len(changed)
+    gateway = planner.gateway(planner.config, config_path) if planner.config else None
+    added, removed, changed = supervisor.apply(
+        [*((spec, local.settings()) for local, spec in planned), *([gateway] if gateway else [])])
+    kept = len(planned) + (gateway is not None) - len(added) - len(changed)
     log.info("reloaded: %d added, %d removed, %d changed (restarted), %d unchanged",
              len(added), len(removed), len(changed), kept)

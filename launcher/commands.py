@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from modelfleet.config import GatewaySpec
 from modelfleet.errors import UsageError
 
 from .hosts import LocalServer
@@ -286,4 +287,26 @@ def build_launch(local: LocalServer, share: MemoryShare, log_dir: Path) -> Launc
         need_gb=share.need_gb,
         memory_fraction=share.fraction,
         cpus=tuple(local.server.cpus),
+    )
+
+
+GATEWAY_NAME = "gateway"  # its key and label in the supervisor, beside the servers'
+
+
+def build_gateway_launch(config_path: Path, gateway: GatewaySpec, log_dir: Path) -> LaunchSpec:
+    """`modelfleet gateway -c FILE` beside this host's servers (`gateway.launch_on`).
+
+    It reads the fleet file itself (its keys from the launcher's environment, as the
+    servers get theirs); it is ready once it listens (`/livez`), whether or not the
+    servers are up yet: its /health says that."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(gateway.host, gateway.host)
+    host = f"[{host}]" if ":" in host else host
+    return LaunchSpec(
+        key=(GATEWAY_NAME, gateway.host, gateway.port),
+        label=f"{GATEWAY_NAME} {gateway.host}:{gateway.port}",
+        argv=(sys.executable, "-m", "modelfleet", "gateway", "-c", str(config_path.resolve())),
+        env=MappingProxyType({}),
+        secret_env=(),
+        health_url=f"http://{host}:{gateway.port}/livez",
+        log_path=log_dir / f"{GATEWAY_NAME}-{gateway.port}.log",
     )

@@ -141,6 +141,18 @@ def select_servers(
     return mine
 
 
+def gateway_is_here(config: FleetConfig, *, host: str | None = None,
+                    names: frozenset[str] | None = None) -> bool:
+    """Whether this launcher starts the gateway too: `gateway.launch_on` names this machine
+    (or the host given with --host)."""
+    where = config.gateway.launch_on
+    if not where:
+        return False
+    if host:
+        return normalise(where) == normalise(host)
+    return normalise(where) in (local_names() if names is None else names)
+
+
 def check_ports(servers: Sequence[LocalServer]) -> None:
     """Two entries can name this machine differently (localhost vs its IP) yet share a port."""
     seen: dict[int, LocalServer] = {}

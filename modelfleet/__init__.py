@@ -33,6 +33,10 @@ def __getattr__(name: str) -> object:
         from modelfleet import client
 
         return getattr(client, name)
+    if name == "serve_metrics":  # prometheus_client, likewise only when asked for
+        from modelfleet.metrics import serve_metrics
+
+        return serve_metrics
     raise AttributeError(f"module 'modelfleet' has no attribute {name!r}")
 
 
@@ -56,4 +60,5 @@ __all__ = [
     "SimSpec",
     "StreamInterrupted",
     "UnknownModel",
+    "serve_metrics",
 ]

@@ -23,7 +23,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 HOST = "127.0.0.1"
 # Calls to local sims go straight there, never through an http_proxy from the environment.
@@ -121,26 +120,21 @@ def metric_value(metrics_text: str, name: str, labels: dict[str, str] | None = N
 
 
 # --------------------------------------------------------------------------------------------
-# `modelfleet sim` and `modelfleet gateway` as subprocesses.
+# `modelfleet sim` as a subprocess.
 # --------------------------------------------------------------------------------------------
 
 def sim_argv(port: int, model: str, kind: str = "chat", host: str = HOST,
              **flags: object) -> list[str]:
     """`python -m modelfleet sim ...`; flags by name (speed=50 -> --speed 50, True -> bare)."""
-    return [sys.executable, "-m", "modelfleet", "sim", "--host", host, "--port", str(port),
-            "--model", model, "--kind", kind, *_flag_args(flags)]
-
-
-def _flag_args(flags: Mapping[str, object]) -> list[str]:
-    """Command-line flags by name: speed=50 -> --speed 50, True -> bare, False/None -> left out."""
-    args: list[str] = []
+    argv = [sys.executable, "-m", "modelfleet", "sim", "--host", host, "--port", str(port),
+            "--model", model, "--kind", kind]
     for key, value in flags.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
-            args.append(flag)
+            argv.append(flag)
         elif value is not False and value is not None:
-            args += [flag, str(value)]
-    return args
+            argv += [flag, str(value)]
+    return argv
 
 
 def die_with_parent() -> None:
@@ -150,25 +144,23 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-_P = TypeVar("_P", bound="ServerProcess")
-
-
-class ServerProcess:
-    """One server of ours (a sim, a gateway) on a loopback port, in a process group of its own.
+class SimProcess:
+    """One `modelfleet sim` on a loopback port, in a process group of its own.
 
     Its own group, so a Ctrl-C at the terminal reaches only whoever started it, which then
     stops it in order; on Linux it also gets SIGTERM if its starter dies without stopping it.
     Its output goes to `log_path`, or to a pipe (`stderr_text()`) without one.
     """
 
-    what = "server"  # for messages
-
-    def __init__(self, argv: Sequence[str], port: int, *, host: str = HOST,
-                 log_path: Path | None = None) -> None:
-        self.argv = list(argv)
+    def __init__(self, port: int, model: str = "m", kind: str = "chat", *, host: str = HOST,
+                 flags: Mapping[str, object] | None = None, log_path: Path | None = None) -> None:
         self.port = port
+        self.model = model
+        self.kind = kind
         self.host = host
+        self.flags = dict(flags or {})
         self.log_path = log_path
+        self.argv = sim_argv(port, model, kind, host, **self.flags)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -183,7 +175,7 @@ class ServerProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def spawn(self: _P) -> _P:
+    def spawn(self) -> SimProcess:
         """Start it; /health answers soon after (wait_ready)."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # The parent-death signal follows the thread that started the child, and a pool's
@@ -201,7 +193,7 @@ class ServerProcess:
                 stderr=subprocess.PIPE, env=env, start_new_session=True, preexec_fn=preexec)
         return self
 
-    def wait_ready(self: _P, timeout: float = 30.0) -> _P:
+    def wait_ready(self, timeout: float = 30.0) -> SimProcess:
         """Until /health answers 200; RuntimeError with its output if it died or never did."""
         assert self.proc is not None, "spawn() it first"
         try:
@@ -210,7 +202,7 @@ class ServerProcess:
             self.stop()
             output = self.output()
             self.close()
-            raise RuntimeError(f"{self.what} did not start: {exc}\n{output}") from None
+            raise RuntimeError(f"sim did not start: {exc}\n{output}") from None
         return self
 
     def output(self) -> str:
@@ -223,6 +215,11 @@ class ServerProcess:
         if self.proc is not None and self.proc.stderr is not None and self.proc.poll() is not None:
             return self.proc.stderr.read().decode(errors="replace")
         return ""
+
+    def fault(self, **fault: object) -> dict:
+        status, body = http_json(f"{self.url}/sim/fault", fault)
+        assert status == 200, body
+        return body
 
     def metrics(self) -> str:
         return http_text(f"{self.url}/metrics")
@@ -259,34 +256,77 @@ class ServerProcess:
                 proc.wait(timeout=5)
 
 
-class SimProcess(ServerProcess):
-    """One `modelfleet sim` (see ServerProcess), with its fault switch."""
+# --------------------------------------------------------------------------------------------
+# `modelfleet gateway` as a subprocess.
+# --------------------------------------------------------------------------------------------
 
-    what = "sim"
+class GatewayProcess:
+    """`modelfleet gateway -c FILE --port PORT ...` on loopback, always stopped.
 
-    def __init__(self, port: int, model: str = "m", kind: str = "chat", *, host: str = HOST,
-                 flags: Mapping[str, object] | None = None, log_path: Path | None = None) -> None:
-        self.model = model
-        self.kind = kind
-        self.flags = dict(flags or {})
-        super().__init__(sim_argv(port, model, kind, host, **self.flags), port, host=host,
-                         log_path=log_path)
+    Its own process group (as SimProcess); stderr (its status and access lines) goes to
+    `log_path`. `stop()` sends SIGTERM to the gateway itself, which drains and exits 0.
+    """
 
-    def fault(self, **fault: object) -> dict:
-        status, body = http_json(f"{self.url}/sim/fault", fault)
-        assert status == 200, body
-        return body
+    def __init__(self, config: Path, port: int, *, args: Sequence[str] = (),
+                 log_path: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+        self.port = port
+        self.log_path = log_path
+        self.argv = [sys.executable, "-m", "modelfleet", "gateway", "-c", str(config),
+                     "--host", HOST, "--port", str(port), *args]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
 
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
 
-class GatewayProcess(ServerProcess):
-    """One `modelfleet gateway` for the fleet file `config` (see ServerProcess); extra flags
-    by name as for sims (workers=2 -> --workers 2)."""
+    def spawn(self) -> GatewayProcess:
+        tied = sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
+        err = self.log_path.open("ab") if self.log_path is not None else subprocess.DEVNULL
+        try:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=err, env=self.env,
+                                         start_new_session=True,
+                                         preexec_fn=die_with_parent if tied else None)
+        finally:
+            if self.log_path is not None:
+                err.close()  # type: ignore[union-attr]
+        return self
 
-    what = "gateway"
+    def wait_ready(self, timeout: float = 60.0) -> GatewayProcess:
+        """Until GET /livez answers (it listens after measuring the fleet)."""
+        assert self.proc is not None, "spawn() it first"
+        try:
+            wait_http_ok(f"{self.url}/livez", timeout=timeout, proc=self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            self.kill()
+            raise RuntimeError(f"gateway did not start: {exc}\n{self.output()}") from None
+        return self
 
-    def __init__(self, config: Path | str, port: int, *, host: str = HOST,
-                 log_path: Path | None = None, **flags: object) -> None:
-        self.config = Path(config)
-        argv = [sys.executable, "-m", "modelfleet", "gateway", "-c", str(config),
-                "--host", host, "--port", str(port), *_flag_args(flags)]
-        super().__init__(argv, port, host=host, log_path=log_path)
+    def output(self) -> str:
+        if self.log_path is None:
+            return ""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM (a drain), then SIGKILL to the group if it is still there after `timeout`."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return proc.returncode
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)

@@ -12,6 +12,8 @@ from client_fleet import fleet, start_sims
 from helpers import run_cli, write_fleet
 
 from modelfleet.client import AsyncModelServer
+from modelfleet.routing.blocks import render_messages
+from modelfleet.routing.prefix_index import prompt_blocks, rendezvous_weight
 
 FAST = 1e6  # zero delay: only where requests go matters, not when they finish
 WORDS = "amber basket candle desert echo fabric garden harbor island jacket kettle ladder".split()
@@ -148,3 +150,47 @@ async def test_report_shows_each_servers_prefix_hit_ratio(start_sim, tmp_path) -
     assert sum(r["prefix_hit_ratio"] > 0.5 for r in rows.values()) >= 1
     table = await asyncio.to_thread(run_cli, "report", "--config", str(path))
     assert "HITS" in table.stdout and "%" in table.stdout, table.stdout
+
+
+async def test_a_hot_prefix_spills_to_a_second_sim_once_its_home_is_loaded(start_sim) -> None:
+    # One prefix, twelve callers at once on real-time sims (replies of ~0.2 s overlap):
+    # its rendezvous home takes what its load bound allows, the next sim in the prefix's
+    # rendezvous order the rest. Prefix alone would put all of it on the home.
+    sims = start_sims(start_sim, 3, speed=1, kv_cache_tokens=50_000)
+    async with AsyncModelServer(config=fleet(sims), seed=1) as client:
+        await shared_prefix_load(client, groups=1, requests=3, tokens=600, concurrency=1,
+                                 seed=5)  # warm: every sim measured, the prefix placed
+        blocks = prompt_blocks(render_messages(conversation(0, 0, 600)))
+        order = sorted((s.address for s in sims), key=lambda a: rendezvous_weight(blocks[0], a))
+        servers = await shared_prefix_load(client, groups=1, requests=48, tokens=600,
+                                           concurrency=12, seed=5)
+    home, second = order[-1], order[-2]
+    assert servers.most_common(1)[0][0] == home, servers
+    assert servers[home] < 48 and servers[second] > 0, servers  # spilled, in rendezvous order
+    assert servers[second] >= servers[order[0]], servers
+
+
+async def test_the_index_forgets_what_a_restarted_sim_held(start_sim) -> None:
+    # The index checks itself against the server's counters: a sim restarted (its cache
+    # empty, its counters back at zero) is predicted to hold nothing once it is scraped.
+    sims = start_sims(start_sim, 2, speed=FAST, kv_cache_tokens=50_000)
+    messages = conversation(0, 0, 600)
+    blocks = prompt_blocks(render_messages(messages))
+    async with AsyncModelServer(config=fleet(sims, probe_interval_s=0.1), seed=1) as client:
+        index = client._route("m").pool.prefix
+        first = (await client.chat("m", messages, max_tokens=2)).server
+        again = (await client.chat("m", messages, max_tokens=2)).server
+        assert again == first and index.cached_tokens(first, blocks) > 0
+        sim = next(s for s in sims if s.address == first)
+        assert sim.metric("vllm:prefix_cache_hits_total") > 0  # the second one hit
+        for _ in range(200):  # until a probe has read those counters (20 s at most)
+            if (index.counters(first) or (0, 0))[0] > 0:
+                break
+            await asyncio.sleep(0.1)
+        sim.close()
+        start_sim(port=sim.port, speed=FAST, kv_cache_tokens=50_000)
+        for _ in range(200):  # until a probe has scraped the new process (20 s at most)
+            if index.cached_tokens(first, blocks) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert index.cached_tokens(first, blocks) == 0

@@ -47,7 +47,7 @@ def sample(pattern: str, key: Key) -> Any:
             return SECRET_TEXT
         return next(c for c in key.choices if c != default) if key.choices else "sample-text"
     table: dict[str, Any] = {
-        "indexes": [0, 1], "names": ["sample-alias"], "argv": ["prog", "--flag"],
+        "indexes": [0, 1], "names": ["sample-alias"], "texts": [SECRET_TEXT], "argv": ["prog", "--flag"],
         "flags": {"sample-flag": 1}, "environment": {"MF_SAMPLE_TOKEN": SECRET_TEXT, "MF_PLAIN": "plain"},
         "messages": [{"role": "user", "content": "sample"}],
     }

@@ -124,11 +124,13 @@ def test_blocks_age_out_on_the_eviction_clock() -> None:
     assert index.cached_tokens("a:1", kept) == 0
 
 
-def test_retention_follows_capacity_usage_and_other_clients() -> None:
+def test_retention_follows_capacity_and_other_clients() -> None:
     index = PrefixIndex()
     assert index.retention_tokens("a:1") == DEFAULT_CAPACITY_TOKENS  # nothing known yet
     index.observe_metrics("a:1", capacity_tokens=100_000, usage=0.75)
-    assert index.retention_tokens("a:1") == pytest.approx(25_000)  # running requests hold 3/4
+    # The blocks running requests hold are cached too (and the most recently used):
+    # a busy cache does not hold fewer of the recent prompts.
+    assert index.retention_tokens("a:1") == pytest.approx(100_000)
     index.observe_metrics("a:1", capacity_tokens=0)  # prefix caching off: nothing is held
     b = blocks("p", 4)
     index.record("a:1", b, prompt_tokens=4 * BT)
@@ -160,6 +162,20 @@ def test_calibration_shrinks_when_the_server_hits_less_than_predicted_and_recove
         queries += 16 * BT
         index.observe_metrics("a:1", hits=hits, queries=queries)
     assert 0.95 < index.calibration("a:1") <= 1.0
+
+
+def test_a_restarted_server_is_known_to_hold_nothing() -> None:
+    index = PrefixIndex()
+    index.observe_metrics("a:1", capacity_tokens=100_000, hits=5_000, queries=9_000)
+    b = blocks("p", 8)
+    index.record("a:1", b, prompt_tokens=8 * BT)
+    index.observe_metrics("a:1", hits=5_000, queries=9_000 + 8 * BT)
+    assert index.cached_tokens("a:1", b) == 8 * BT
+    index.observe_metrics("a:1", hits=0, queries=40)  # its counters went back: a new process
+    assert index.cached_tokens("a:1", b) == 0
+    assert index.retention_tokens("a:1") == pytest.approx(100_000)  # its size is still known
+    index.record("a:1", b, prompt_tokens=8 * BT)
+    assert index.cached_tokens("a:1", b) == 8 * BT
 
 
 def test_a_removed_server_that_comes_back_starts_with_an_empty_cache() -> None:
@@ -230,6 +246,51 @@ def test_a_hot_prefix_spills_once_its_home_is_loaded() -> None:
     assert picks[home] > 10  # yet the home took the most
 
 
+def test_a_held_prefix_stays_on_a_loaded_server_until_the_load_bound() -> None:
+    # Prefix and load weighed together: the server holding a prompt keeps it while its
+    # requests in flight stay under the bound; past the bound the prompt goes to the next
+    # server in rendezvous order (here a long answer, so that the others are within the
+    # latency band although they would compute the whole prompt).
+    clock = FakeClock()
+    pool = pool_of(4, clock)
+    conversation = blocks("c", 4)
+    home = pool.choose(chat(conversation, output=200))
+    pool.served(home, chat(conversation, output=200))
+    others = [ep for ep in pool.endpoints.values() if ep is not home]
+    for ep in others:
+        for _ in range(3):
+            ep.begin()  # 3 requests in flight on every other server
+    for _ in range(5):
+        home.begin()
+    assert pool.choose(chat(conversation, output=200)) is home  # 5 < 1.25 x (14 + 1) / 4 + 1
+    home.begin()
+    spill = pool.choose(chat(conversation, output=200))  # 6 = 1.25 x (15 + 1) / 4 + 1
+    assert spill is not home
+    order = sorted(others, key=lambda e: rendezvous_weight(conversation[0], e.address))
+    assert spill is order[-1]
+
+
+def test_the_prefill_backlog_counts_before_a_prompt_and_in_what_is_learnt() -> None:
+    clock = FakeClock()
+    pool = pool_of(2, clock)
+    a, b = pool.endpoints.values()
+    work = chat(blocks("w", 30))
+    idle = a.expected_latency(work)
+    assert pool.prefill_tokens(a, work) == work.prompt_tokens  # nothing cached there yet
+    with a.lease(pool.prefill_tokens(a, work)) as ep:
+        assert ep.prefilling == work.prompt_tokens
+        assert a.expected_latency(work) > 1.6 * idle  # a whole prompt ahead of this one
+        second = a.lease(500)
+        with second:
+            assert second.ahead == work.prompt_tokens
+        # learnt from: its own uncached tokens plus the backlog it waited behind
+        seen = pool.served(a, work, ahead=second.ahead)
+        assert seen.prompt_tokens == 2 * work.prompt_tokens
+    assert a.prefilling == 0 and a.expected_latency(work) == pytest.approx(idle)
+    assert pool.prefill_tokens(a, work) == 0  # served: now cached there
+    assert pool.prefill_tokens(b, work) == work.prompt_tokens
+
+
 def test_with_prefix_awareness_off_a_shared_prefix_is_spread() -> None:
     pool = pool_of(4, FakeClock(), prefix=False)
     b = blocks("x", 20)
@@ -297,4 +358,4 @@ def test_a_broken_exporters_nan_and_inf_are_ignored() -> None:
     index.observe_metrics("a:1", capacity_tokens=10_000, usage=0.5, hits=0, queries=0)
     index.observe_metrics("a:1", capacity_tokens=float("inf"), usage=float("nan"),
                           hits=float("nan"), queries=float("inf"))
-    assert index.retention_tokens("a:1") == pytest.approx(5_000)
+    assert index.retention_tokens("a:1") == pytest.approx(10_000)

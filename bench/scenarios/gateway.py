@@ -27,7 +27,7 @@ from bench.fleet import ServerPlan
 from bench.measure import Sample, median, percentile
 from bench.scenarios.base import Context, Outcome, Table, ms, pct
 from bench.workload import ChatCall, closed_loop, steady_rate
-from modelfleet.testing import GatewayProcess, free_port
+from modelfleet.testing import HOST, GatewayProcess, free_port
 
 ZERO_DELAY = 1e6
 MODEL = "chat-zero"
@@ -64,15 +64,16 @@ async def run(ctx: Context) -> Outcome:
     async with ctx.fleet([ServerPlan(MODEL, speed=ZERO_DELAY)]) as fleet:
         sim = fleet.servers[0]
         config = _fleet_file(logs / "gateway-fleet.yaml", sim.host, sim.port)
-        gateways = {w: GatewayProcess(config, free_port(), workers=w,
+        gateways = {w: GatewayProcess(config, free_port(), args=["--workers", str(w)],
                                       log_path=logs / f"gateway-x{w}.log") for w in WORKERS}
         addresses = {DIRECT: sim.address}
         try:
             for w, gateway in gateways.items():
-                ctx.progress.line(f"  starting {_path(w)} on {gateway.address}")
+                address = f"{HOST}:{gateway.port}"
+                ctx.progress.line(f"  starting {_path(w)} on {address}")
                 gateway.spawn()
                 await asyncio.to_thread(gateway.wait_ready, READY_TIMEOUT_S)
-                addresses[_path(w)] = gateway.address
+                addresses[_path(w)] = address
             paths = list(addresses)
             for r in range(rounds):
                 order = paths[r % len(paths):] + paths[:r % len(paths)]
@@ -81,7 +82,7 @@ async def run(ctx: Context) -> Outcome:
                     await _measure_path(ctx, path, addresses[path], items, box_s, results)
         finally:
             for gateway in gateways.values():
-                await asyncio.to_thread(gateway.close)
+                await asyncio.to_thread(gateway.stop)
     _tabulate(outcome, results)
     return outcome
 

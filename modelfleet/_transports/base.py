@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from modelfleet._exceptions import EngineFailure
-from modelfleet._transports.models import Embeddings, Generation, QueueSample, Sent
+from modelfleet._transports.models import Embeddings, Generation, QueueSample, RawAnswer, Sent
 from modelfleet._transports.parse import parse_models, parse_queue, status_failure
+from modelfleet._transports.raw import RawStream, read_raw_answer
 from modelfleet._transports.reading import TokenStream, read_answer, read_embeddings
 from modelfleet.routing import Failure
 
@@ -110,6 +111,24 @@ class AsyncBaseTransport:
                                                       timeout_s=timeout_s)
         return await read_embeddings(response, sent_at, stall_s=stall_s, on_end=release,
                                      as_numpy=as_numpy, expected=_input_count(payload))
+
+    async def relay_whole(self, server: ServerSpec, path: str, body: Mapping[str, Any], *,
+                          api_key: str | None, deadline_s: float) -> RawAnswer:
+        """`body` sent as it is, its whole answer kept as bytes (the gateway passes it on),
+        due within `deadline_s`."""
+        response, sent_at, release = await self.post(server, path, body, api_key=api_key,
+                                                      stall_s=deadline_s, timeout_s=deadline_s,
+                                                      whole_s=deadline_s)
+        return await read_raw_answer(response, sent_at, deadline_s=deadline_s, on_end=release,
+                                     generation=path != "/v1/embeddings")
+
+    async def open_relay_stream(self, server: ServerSpec, path: str, body: Mapping[str, Any], *,
+                                api_key: str | None, stall_s: float,
+                                timeout_s: float) -> RawStream:
+        """`body` (which asks for a stream) sent as it is; its bytes read as they come."""
+        response, sent_at, release = await self.post(server, path, body, api_key=api_key,
+                                                      stall_s=stall_s, timeout_s=timeout_s)
+        return RawStream(response, server.address, sent_at, stall_s, on_end=release)
 
     async def health(self, server: ServerSpec, *, timeout_s: float = 5.0,
                      api_key: str | None = None) -> bool:

@@ -82,3 +82,16 @@ class ResponseBody(Protocol):
 
 
 Sent = tuple[ResponseBody, float, Callable[[], None]]  # response, sent_at, give the slot back
+
+
+@dataclass(frozen=True)
+class RawAnswer:
+    """A whole answer kept as the engine sent it (bytes), for a caller that passes it on
+    (the gateway), with what routing and the access log need read out of it."""
+
+    body: bytes
+    content_type: str
+    usage: Mapping[str, int]
+    total_s: float
+    output_tokens: int | None  # None for embeddings: their work is their input
+    ttft_s: ClassVar[None] = None  # a whole answer arrives at once

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 from modelfleet.errors import ConfigError, FleetError, UsageError
 
-SUBCOMMANDS = ("serve", "report", "config", "sim", "demo")
+SUBCOMMANDS = ("serve", "report", "config", "sim", "demo", "gateway")
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def seconds_between(low: float, high: float, *, low_included: bool = True) -> Ca
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from modelfleet.cli import config_cmd, demo_cmd, report_cmd, serve_cmd, sim_cmd
+    from modelfleet.cli import config_cmd, demo_cmd, gateway_cmd, report_cmd, serve_cmd, sim_cmd
 
     common = common_options()
     parser = argparse.ArgumentParser(
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for module in (serve_cmd, report_cmd, config_cmd, sim_cmd, demo_cmd):
+    for module in (serve_cmd, report_cmd, config_cmd, sim_cmd, demo_cmd, gateway_cmd):
         module.register(sub, common)
     return parser
 

@@ -12,15 +12,17 @@ import asyncio
 import logging
 import os
 import random
+import time
 from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelfleet._exceptions import EngineFailure
 from modelfleet._transports.base import AsyncBaseTransport
 from modelfleet._transports.models import Embeddings, Generation
 from modelfleet._transports.reading import TokenStream
 from modelfleet.client.attempt import send_with_retries
+from modelfleet.client.relay import RelayAnswer, RelayStream, relay_stream, relay_whole
 from modelfleet.client.route import Route
 from modelfleet.client.types import ChatResult, ChatStream, EmbedResult, ModelStatus, StreamProgress
 from modelfleet.config import FleetConfig, ServerSpec, load_config
@@ -30,11 +32,18 @@ from modelfleet.routing import Failure, Health, Work, prompt_blocks
 from modelfleet.routing.blocks import render_messages
 from modelfleet.routing.prefix_index import INDEX_BLOCK_TOKENS
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from modelfleet.metrics import FleetMetrics
+
 log = logging.getLogger("modelfleet.client")
 
 FIRST_USE_WAIT_S = 3.0  # how long a model's first call waits for its servers' first benchmark
 EMBED_BATCH = 256  # inputs per embeddings request
 PROBE_TIMEOUT_S = 60.0  # a tiny benchmark request that takes longer has failed
+RELAY_PATHS = {"/v1/chat/completions": "chat", "/v1/completions": "chat",
+               "/v1/embeddings": "embedding"}  # what relay() sends, and the kind of model each needs
 
 
 class AsyncModelServer:
@@ -44,11 +53,14 @@ class AsyncModelServer:
     file (`path`, else $MODELFLEET_CONFIG, else ./client_config.yaml) or from a
     `FleetConfig` made in code. `seed` makes the random policies repeatable.
     `transport` replaces the aiohttp transport (a `MockTransport` in tests).
+    `metrics`, a prometheus_client `CollectorRegistry`, gets the modelfleet_* series
+    (`modelfleet.metrics`); without it nothing is recorded.
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  config: FleetConfig | None = None, seed: int | None = None,
-                 transport: AsyncBaseTransport | None = None) -> None:
+                 transport: AsyncBaseTransport | None = None,
+                 metrics: CollectorRegistry | None = None) -> None:
         if config is not None and path is not None:
             raise UsageError("pass either a fleet file path or config=, not both")
         self._config = config if config is not None else load_config(path)
@@ -65,6 +77,11 @@ class AsyncModelServer:
         self._probe_loop: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None  # the one it belongs to
         self._closed = False
+        self._metrics: FleetMetrics | None = None
+        if metrics is not None:
+            from modelfleet.metrics import FleetMetrics
+
+            self._metrics = FleetMetrics.for_registry(metrics)
 
     # -- the API -----------------------------------------------------------
 
@@ -118,6 +135,8 @@ class AsyncModelServer:
         api_key = route.spec.api_key
         timeout_s = route.routing.request_timeout_s
         transport = self._transport
+        metrics = route.metrics
+        started = time.perf_counter() if metrics is not None else 0.0
 
         async def first_token(server: ServerSpec, stall_s: float) -> tuple[TokenStream, str]:
             stream = await transport.open_stream(server, "/v1/chat/completions", body,
@@ -132,13 +151,12 @@ class AsyncModelServer:
                 raise
 
         try:
-            endpoint, (stream, first) = await send_with_retries(
+            endpoint, (stream, first), work = await send_with_retries(
                 route, work, affinity, first_token, self._rng, answer=False)
         except BaseException:
             self._maybe_benchmark(route)
             raise
         progress.server, progress.tokens = endpoint.address, stream
-        work = route.pool.served(endpoint, work)  # its first token: the prompt is in its cache
         # The opening was one attempt under its own lease; the rest of the stream holds
         # another on the same endpoint, taken with no await in between.
         with endpoint.lease():
@@ -157,9 +175,15 @@ class AsyncModelServer:
                 generation = stream.generation()
                 endpoint.observe_success(ttft_s=generation.ttft_s, total_s=generation.total_s,
                                          work=work, output_tokens=generation.output_tokens)
+            except BaseException as exc:  # (GeneratorExit too: the caller left early)
+                if metrics is not None:
+                    metrics.finished(endpoint.address, started, exc)
+                raise
             finally:
                 if not finished:
                     stream.close()
+        if metrics is not None:
+            metrics.finished(endpoint.address, started)
         self._maybe_benchmark(route)
 
     async def embed(self, model: str, inputs: str | Sequence[str], *, as_numpy: bool = False,
@@ -194,6 +218,76 @@ class AsyncModelServer:
         return EmbedResult(vectors=vectors, usage=usage,
                            servers=tuple(server for server, _ in parts),
                            latency_s=max(answer.total_s for _, answer in parts))
+
+    async def relay(self, path: str, body: Mapping[str, Any], *, affinity: str | None = None,
+                    prefix_aware: bool = True) -> RelayAnswer | RelayStream:
+        """An OpenAI request body for `path` (`/v1/chat/completions`, `/v1/completions`,
+        `/v1/embeddings`), sent as it is to the best server of `body["model"]` (a name or
+        an alias; the server's own name is written in), with the same routing, retries and
+        failover as `chat()` and `embed()`. The answer comes back as the engine sent it:
+        a `RelayAnswer` (bytes), or with `"stream": true` a `RelayStream` of its bytes,
+        retried elsewhere only before its first event.
+
+        Raises `UnknownModel`, `UsageError` (a model of the other kind, a path it does
+        not serve), `NoServerAvailable`, `RequestRejected` (the engine's 4xx)."""
+        kind = RELAY_PATHS.get(path)
+        if kind is None:
+            raise UsageError(f"relay() serves {', '.join(RELAY_PATHS)}, not {path!r}")
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise UsageError("the body needs a `model` (a string)")
+        route = self._ready_now(name, kind)
+        if route is None:
+            spec = self._config.resolve_model(name)  # UnknownModel lists the known names
+            if spec.kind != kind:
+                serves = ("/v1/embeddings" if spec.kind == "embedding"
+                          else "/v1/chat/completions and /v1/completions")
+                raise UsageError(f"model {name!r} is a {spec.kind} model: it answers {serves}, "
+                                 f"not {path}")
+            route = await self._ready(name, kind)
+        payload = dict(body)
+        payload["model"] = route.spec.wire_name
+        max_tokens = _max_tokens(body)
+        if path == "/v1/chat/completions":
+            messages = body.get("messages")
+            messages = [m for m in messages if isinstance(m, Mapping)] \
+                if isinstance(messages, list) else []
+            work = _with_blocks(route, Work.for_chat(messages, max_tokens), prefix_aware,
+                                messages=messages)
+        elif path == "/v1/completions":
+            prompt = body.get("prompt")
+            text = prompt if isinstance(prompt, str) else "".join(
+                p for p in prompt if isinstance(p, str)) if isinstance(prompt, list) else ""
+            work = _with_blocks(route, Work.for_prompt(text, max_tokens), prefix_aware,
+                                prompt=text)
+        else:
+            work = Work.for_embedding(body.get("input") or "")
+        if kind == "chat" and body.get("stream") is True:
+            return await relay_stream(route, self._transport, self._rng, path, payload, work,
+                                      affinity, after=lambda: self._maybe_benchmark(route))
+        try:
+            return await relay_whole(route, self._transport, self._rng, path, payload, work,
+                                     affinity, bounded=kind == "embedding" or max_tokens is not None)
+        finally:
+            self._maybe_benchmark(route)
+
+    async def warm(self) -> None:
+        """Benchmark every model's servers now (a few seconds at most) and keep probing
+        them: for a long-running process (the gateway) whose first requests should be
+        routed on measurements and whose health should be known before any request."""
+        self._check_open()
+        await asyncio.gather(*(self._ready(name, None) for name in self._config.models))
+
+    def models_without_server(self) -> dict[str, dict[str, str]]:
+        """The models none of whose servers is usable now, with why for each server
+        (an empty dict: every model has a server to send to)."""
+        missing: dict[str, dict[str, str]] = {}
+        for name in self._config.models:
+            route = self._route(name)
+            if not any(e.health is not Health.DOWN and e.usable()
+                       for e in route.pool.endpoints.values()):
+                missing[name] = route.pool.reasons() or {"": "no servers"}
+        return missing
 
     async def status(self, *, probe: bool = False) -> dict[str, ModelStatus]:
         """Per model, per server: health and why, latency estimates, in flight, server queue.
@@ -233,7 +327,9 @@ class AsyncModelServer:
             if name in config.models:
                 self._routes[name].update(config.models[name], config.routing, self._seed)
             else:
-                del self._routes[name]  # requests already on it finish with what they hold
+                gone = self._routes.pop(name)  # requests already on it finish with what they hold
+                if self._metrics is not None:
+                    self._metrics.forget(gone)
         for route in self._routes.values():
             if route.ready:
                 self._spawn(self._probe_route(route))  # measure newcomers at once
@@ -250,6 +346,9 @@ class AsyncModelServer:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._background.clear()
         self._probe_loop = None
+        if self._metrics is not None:
+            for route in self._routes.values():
+                self._metrics.forget(route)
         await self._transport.close()
 
     async def __aenter__(self) -> AsyncModelServer:
@@ -331,6 +430,8 @@ class AsyncModelServer:
             route = self._routes.get(spec.name)
             if route is None:
                 route = self._routes[spec.name] = Route(spec, self._config.routing, self._seed)
+                if self._metrics is not None:
+                    route.metrics = self._metrics.model(route)
             self._by_name[model] = route
         return route
 
@@ -377,8 +478,8 @@ class AsyncModelServer:
                                       timeout_s=timeout_s)
 
         try:
-            endpoint, generation = await send_with_retries(route, work, affinity, send,
-                                                           self._rng, whole=whole)
+            endpoint, generation, _ = await send_with_retries(route, work, affinity, send,
+                                                              self._rng, whole=whole)
         finally:
             self._maybe_benchmark(route)
         return ChatResult(text=generation.text, usage=generation.usage,
@@ -401,7 +502,7 @@ class AsyncModelServer:
                                    timeout_s=timeout_s, as_numpy=as_numpy)
 
         try:
-            endpoint, answer = await send_with_retries(route, work, None, send, self._rng)
+            endpoint, answer, _ = await send_with_retries(route, work, None, send, self._rng)
         finally:
             self._maybe_benchmark(route)
         return endpoint.address, answer  # as many vectors as inputs: the transport checked
@@ -461,6 +562,8 @@ class AsyncModelServer:
             return
         if route.pool.endpoints.get(server.address) is endpoint:  # not removed meanwhile
             apply_probe(endpoint, result, route.pool)
+            if route.metrics is not None and result.queue is not None:
+                route.metrics.observe_cache(server.address, result.queue.cache)
 
 
 def _with_blocks(route: Route, work: Work, prefix_aware: bool, *,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 from modelfleet.client.retry import RetryState
 from modelfleet.config import ModelSpec, RoutingSpec, ServerSpec
 from modelfleet.routing import Pool, PrefixIndex, RetryBudget, make_policy
+
+if TYPE_CHECKING:
+    from modelfleet.metrics import ModelMetrics
 
 
 class Route:
@@ -32,6 +36,7 @@ class Route:
         self.ready = False  # its first benchmark finished (or was waited for long enough)
         self.benchmarking = False
         self.first_try = RetryState.first(routing.max_retry)  # every request starts from it
+        self.metrics: ModelMetrics | None = None  # its modelfleet_* series, when asked for
 
     def update(self, spec: ModelSpec, routing: RoutingSpec, seed: int | None) -> None:
         """A reloaded config: new servers join, removed ones drain (requests on them finish)."""

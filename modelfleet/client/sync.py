@@ -13,13 +13,16 @@ import os
 import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from modelfleet._transports.base import AsyncBaseTransport
 from modelfleet.client.core import AsyncModelServer
 from modelfleet.client.types import ChatResult, ChatStream, EmbedResult, ModelStatus, SyncChatStream
 from modelfleet.config import FleetConfig, load_config
 from modelfleet.errors import UsageError
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("modelfleet.client")
 
@@ -46,17 +49,19 @@ class ModelServer:
     A private event loop on a daemon thread runs the async client; calls from any
     number of threads are handed to it. After `fork` the child starts its own loop
     on first use. `close()` (or leaving the `with` block) stops the loop's thread.
-    `transport` is handed to the async client (it runs on the loop thread).
+    `transport` and `metrics` are handed to the async client (it runs on the loop thread).
     """
 
     def __init__(self, path: str | os.PathLike[str] | None = None, *,
                  config: FleetConfig | None = None, seed: int | None = None,
-                 transport: AsyncBaseTransport | None = None) -> None:
+                 transport: AsyncBaseTransport | None = None,
+                 metrics: CollectorRegistry | None = None) -> None:
         if config is not None and path is not None:
             raise UsageError("pass either a fleet file path or config=, not both")
         self._config = config if config is not None else load_config(path)  # errors here
         self._seed = seed
         self._transport = transport
+        self._metrics = metrics
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -77,7 +82,7 @@ class ModelServer:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
                 core = AsyncModelServer(config=self._config, seed=self._seed,
-                                        transport=self._transport)
+                                        transport=self._transport, metrics=self._metrics)
                 thread = threading.Thread(target=_run_loop, args=(loop,), daemon=True,
                                           name=f"modelfleet-client-{id(self):x}")
                 thread.start()

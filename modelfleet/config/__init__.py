@@ -30,6 +30,7 @@ from modelfleet.config.schema import (
     SECRET_KEYS,
     BenchmarkSpec,
     FleetConfig,
+    GatewaySpec,
     ModelSpec,
     RoutingSpec,
     ServerSpec,
@@ -45,15 +46,16 @@ from modelfleet.errors import ConfigError, ConfigProblem, UsageError
 TOP_KEYS = known_keys("")
 ROUTING_KEYS = known_keys("routing")
 BENCHMARK_KEYS = known_keys("benchmark")
+GATEWAY_KEYS = known_keys("gateway")
 SIM_KEYS = known_keys("models.*.sim")
 MODEL_KEYS = known_keys("models.*")
 SERVER_KEYS = known_keys("models.*.servers[]")
 
 __all__ = [
-    "BACKENDS", "BENCHMARK_KEYS", "CONFIG_ENV_VAR", "DEFAULT_CONFIG_NAME", "DEVICES", "INVALID", "KINDS",
+    "BACKENDS", "BENCHMARK_KEYS", "CONFIG_ENV_VAR", "DEFAULT_CONFIG_NAME", "DEVICES", "GATEWAY_KEYS", "INVALID", "KINDS",
     "MASK", "MESSAGE_KEYS", "MODEL_KEYS", "POLICIES", "ROUTING_KEYS", "SECRET_KEYS", "SERVER_KEYS",
     "SIM_KEYS", "TOP_KEYS", "BenchmarkSpec", "ConfigDocument", "ConfigError", "ConfigProblem",
-    "FleetConfig", "ModelSpec", "RoutingSpec", "ServerSpec", "SimSpec", "UsageError", "dump_yaml",
+    "FleetConfig", "GatewaySpec", "ModelSpec", "RoutingSpec", "ServerSpec", "SimSpec", "UsageError", "dump_yaml",
     "find_config_path", "fleet_to_dict", "load_config", "mask_secrets", "parse_address",
     "parse_config", "parse_index_list", "parse_key_path", "reload_config",
 ]

@@ -188,7 +188,7 @@ class Reader(ValueReader):
             return self.records(key, node, path, line, owner=values)
         if kind == "named":
             return self.named(key, node, path, line)
-        reader = {"names": self.names, "argv": self.argv, "flags": self.flags,
+        reader = {"names": self.names, "texts": self.texts, "argv": self.argv, "flags": self.flags,
                   "environment": self.environment, "messages": self.messages}[kind]
         return reader(key, node, path, line, extra.get("name", ""))
 
@@ -241,6 +241,17 @@ class Reader(ValueReader):
             result.append(alias)
             self.alias_lines.setdefault(record_name, []).append((alias, item_line, item_path))
         return tuple(result)
+
+    def texts(self, key: Key, node: Any, path: str, line: int | None, record_name: str) -> Any:
+        """A list of strings; an empty one (`${KEY:-}` with KEY unset) is left out."""
+        entries = self.items(node, path, line)
+        if entries is None:
+            return INVALID
+        result = [self.text(item, item_path, item_line, nonempty=False)
+                  for item, item_line, item_path in entries]
+        if INVALID in result:
+            return INVALID
+        return tuple(str(text) for text in result if str(text).strip())
 
     def filled_items(self, key: Key, node: Any, path: str, line: int | None,
                      ) -> list[tuple[Any, int | None, str]] | None:

@@ -36,6 +36,7 @@ VALUE_KINDS = (
     "switch",  # true or false
     "indexes",  # unique non-negative integers (gpus, cpus)
     "names",  # unique other names of the record (aliases)
+    "texts",  # a list of strings (empty ones, as `${VAR:-}` may make, are dropped)
     "argv",  # a program and its arguments
     "flags",  # engine flags: name -> plain value
     "environment",  # variable name -> string
@@ -217,6 +218,39 @@ class BenchmarkSpec:
     max_tokens: int = setting(8, kind="integer", minimum=1, help="tokens a chat probe asks for")
 
 
+def _readable_file(path: str) -> str | None:
+    if not path.strip():
+        return "must name a file"
+    return None
+
+
+@dataclass(frozen=True)
+class GatewaySpec:
+    """`modelfleet gateway`: the fleet as one OpenAI endpoint (its flags override these)."""
+
+    host: str = setting("127.0.0.1", kind="text", check=_bare_host,
+                        help="address the gateway listens on (0.0.0.0: every interface)")
+    port: int = setting(8000, kind="integer", minimum=1, maximum=65535,
+                        help="the port it listens on")
+    workers: int = setting(1, kind="integer", minimum=1, maximum=256,
+                           help="processes sharing the port (SO_REUSEPORT), each with its own routing")
+    api_keys: tuple[str, ...] = setting((), kind="texts", secret=True, show="if_set",
+                                        help="bearer keys clients must send; none: no key asked")
+    api_keys_file: str | None = setting(None, kind="text", check=_readable_file, show="if_set",
+                                        help="a file of more keys, one a line (# comments)")
+    auth_health_metrics: bool = setting(False, kind="switch",
+                                        help="ask for a key on /health and /metrics too")
+    max_body_bytes: int = setting(16 * 1024 * 1024, kind="integer", minimum=1024,
+                                  help="largest request body accepted (larger: 413)")
+    max_concurrent: int = setting(1024, kind="integer", minimum=1,
+                                  help="requests at once per worker; more are refused with 429")
+    drain_s: float = setting(30.0, kind="number", minimum=0,
+                             help="on SIGTERM, how long in-flight requests may take to finish")
+    access_log: bool = setting(True, kind="switch", help="one line per request on stderr")
+    launch_on: str | None = setting(None, kind="text", check=_bare_host, show="if_set",
+                                    help="the host whose `modelfleet serve` starts the gateway too")
+
+
 @dataclass(frozen=True)
 class FleetConfig:
     """The whole fleet, as read from one file."""
@@ -227,6 +261,8 @@ class FleetConfig:
         missing="missing: the fleet file needs a `models:` section listing each model and its servers")
     routing: RoutingSpec = setting(RoutingSpec(), kind="section", help="how the client picks servers")
     benchmark: BenchmarkSpec = setting(BenchmarkSpec(), kind="section", help="what background probes send")
+    gateway: GatewaySpec = setting(GatewaySpec(), kind="section",
+                                   help="modelfleet gateway: the fleet as one OpenAI endpoint")
     path: Path | None = None
 
     def resolve_model(self, name: str) -> ModelSpec:
@@ -305,7 +341,7 @@ SECRET_ENTRIES = {path.rsplit(".", 1)[-1]: key.secret_entries for path, key in a
 
 def is_secret(path: str) -> bool:
     """A secret key anywhere, and entries of a mapping whose names say they hold a credential."""
-    parts = path.split(".")
+    parts = re.sub(r"\[\d+\]$", "", path).split(".")  # an item of a secret list is secret
     if parts[-1] in SECRET_KEYS:
         return True
     pattern = SECRET_ENTRIES.get(parts[-2]) if len(parts) >= 2 else None

@@ -16,9 +16,12 @@ CONTRACT (the client and the wire layer rely on these names)
                  Endpoint(address, *, clock, decay_s=5.0, degrade_ratio=2.0, peers=None)
                    .address .in_flight .queue_running .queue_waiting .requests .failures .rates
                    .health .reason .down_since .paused_until            (read-only properties)
-                   .lease()                          `with ep.lease():` around every request
+                   .lease(prefill_tokens=0)          `with ep.lease():` around every request
                                                      (begin() on entry, end() on exit; observe_*
-                                                     inside); .begin() / .end() underneath
+                                                     inside); .begin() / .end() underneath;
+                                                     .prefilling: the tokens of leases still
+                                                     prefilling (counted before a prompt);
+                                                     Lease.ahead: the backlog it found
                    .observe_success(*, ttft_s, total_s, work, output_tokens=None)
                    .observe_failure(failure, reason, *, retry_after_s=None)
                    .observe_queue(running, waiting)  from /metrics (None: unknown)
@@ -31,7 +34,7 @@ CONTRACT (the client and the wire layer rely on these names)
     prefix_index.py  PrefixIndex(max_entries=65536): per model, which prompt blocks each server
                  likely still holds; .cached_tokens(address, blocks) .record(address, blocks, *,
                  prompt_tokens, output_tokens) .observe_metrics(address, *, hits, queries, usage,
-                 capacity_tokens); prompt_blocks(text) -> the blocks to put on Work.blocks
+                 capacity_tokens) .counters(address); prompt_blocks(text) -> the blocks to put on Work.blocks
     policies     PeakEwma(seed) peak_ewma.py (prefix-aware: takes the PrefixIndex), Fastest(rate) fastest.py, LeastLoaded()
                  least_loaded.py, RoundRobin() round_robin.py, RandomChoice(seed) random_choice.py;
                  each has pick(endpoints, work) -> Endpoint (Fastest also wants_benchmark()).
@@ -41,9 +44,13 @@ CONTRACT (the client and the wire layer rely on these names)
                    .choose(work, *, exclude=(), affinity=None) -> Endpoint | None
                    .reasons() -> {address: why not usable}   (usable ones left out)
                    .status() -> [EndpointStatus] ; .add(address) ; .remove(address)
-                   .served(endpoint, work) -> Work   after a success: the index learns where the
-                                                     prompt went; returns the work less its cached
-                                                     prompt tokens (observe_success with that)
+                   .prefill_tokens(endpoint, work) -> int   its uncached prompt tokens there
+                                                     (the lease's prefill_tokens)
+                   .served(endpoint, work, *, ahead=0) -> Work   after a success: the index
+                                                     learns where the prompt went; returns the
+                                                     work less its cached prompt tokens plus the
+                                                     backlog it waited behind (observe_success
+                                                     with that)
                    .observe_cache(address, *, hits, queries, usage, capacity_tokens)  /metrics
                    .wants_benchmark() -> bool   (True once each time the policy asks; the
                                                  client runs one benchmark at a time)
@@ -58,8 +65,9 @@ HOW THE CLIENT USES IT, per request::
         ep = pool.choose(work, exclude=tried, affinity=key)      # None: every server tried
         if ep is None: break
         deadline = ep.stall_deadline(floor_s=stall_timeout_s, ceiling_s=request_timeout_s, work=work)
-        with ep.lease():                                         # at once, before any await
-            ... on success: ep.observe_success(ttft_s=..., total_s=..., work=pool.served(ep, work),
+        with (lease := ep.lease(pool.prefill_tokens(ep, work))):  # at once, before any await
+            ... on success: ep.observe_success(ttft_s=..., total_s=...,
+                                               work=pool.served(ep, work, ahead=lease.ahead),
                                                output_tokens=usage.completion_tokens)
             ... on failure: ep.observe_failure(Failure.X, "HTTP 500: ...", retry_after_s=...)
         tried.add(ep.address)

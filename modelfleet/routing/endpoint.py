@@ -92,19 +92,26 @@ class EndpointStatus:
 
 
 class Lease:
-    """One request on one endpoint, as a context manager: no path can forget ``end()``."""
+    """One request on one endpoint, as a context manager: no path can forget ``end()``.
 
-    __slots__ = ("endpoint",)
+    `prefill_tokens`: the prompt tokens the server must compute for it (its uncached
+    ones), held in the endpoint's prefill backlog until the lease ends; `ahead`: the
+    backlog it found there, which its time to first token waited behind."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    __slots__ = ("endpoint", "prefill_tokens", "ahead")
+
+    def __init__(self, endpoint: Endpoint, prefill_tokens: int = 0) -> None:
         self.endpoint = endpoint
+        self.prefill_tokens = prefill_tokens
+        self.ahead = 0
 
     def __enter__(self) -> Endpoint:
-        self.endpoint.begin()
+        self.ahead = self.endpoint.prefilling
+        self.endpoint.begin(self.prefill_tokens)
         return self.endpoint
 
     def __exit__(self, *exc: object) -> None:
-        self.endpoint.end()
+        self.endpoint.end(self.prefill_tokens)
 
 
 class Endpoint:
@@ -121,6 +128,7 @@ class Endpoint:
     ) -> None:
         self.address = address
         self.in_flight = 0
+        self.prefilling = 0  # prompt tokens of leases here still to be computed (prefix-aware)
         self.queue_running: float | None = None
         self.queue_waiting: float | None = None
         self.requests = 0
@@ -189,20 +197,23 @@ class Endpoint:
 
     # -- what happened -----------------------------------------------------
 
-    def lease(self) -> Lease:
+    def lease(self, prefill_tokens: int = 0) -> Lease:
         """`with endpoint.lease():` around one request: begin() on entry, end() on exit,
-        whatever happens inside (observe_* belongs inside the block)."""
-        return Lease(self)
+        whatever happens inside (observe_* belongs inside the block). `prefill_tokens`:
+        the prompt tokens it will compute here, when known (Pool.prefill_tokens)."""
+        return Lease(self, prefill_tokens)
 
-    def begin(self) -> None:
+    def begin(self, prefill_tokens: int = 0) -> None:
         """A request went out. On a down endpoint it is the trial: no other until it ends."""
         self.in_flight += 1
+        self.prefilling += prefill_tokens
         if self._health is Health.DOWN:
             self._trial_in_flight = True
 
-    def end(self) -> None:
+    def end(self, prefill_tokens: int = 0) -> None:
         """The request finished, whatever happened (call after observe_*)."""
         self.in_flight = max(0, self.in_flight - 1)
+        self.prefilling = max(0, self.prefilling - prefill_tokens)
         self._trial_in_flight = False
 
     def observe_success(
@@ -262,7 +273,11 @@ class Endpoint:
 
     def expected_latency(self, work: Work, cached_tokens: int = 0) -> float:
         """Seconds this request would take here now; `cached_tokens` of its prompt are
-        likely in this server's prefix cache, so its prefill skips them.
+        likely in this server's prefix cache, so its prefill skips them, and the prompt
+        tokens of the leases here still prefilling (`prefilling`) come before it: an
+        engine computes prompts in steps of a token budget, so a long uncached prompt
+        delays every first token behind it (the TTFT rate is learnt the same way:
+        Pool.served counts the backlog a request found).
 
         The measured rates already carry the server's present batch, so load only
         adds (a) the wait behind its queue: each waiting request costs about one
@@ -270,8 +285,9 @@ class Endpoint:
         5 % per request in flight from here. Recent 5xx multiply it by 1 + (fading
         count). Never latency x (in_flight + 1): an idle slow server would win.
         """
-        if cached_tokens:
-            work = Work(work.kind, max(work.prompt_tokens - cached_tokens, 0), work.output_tokens)
+        if cached_tokens or self.prefilling:
+            work = Work(work.kind, max(work.prompt_tokens - cached_tokens, 0) + self.prefilling,
+                        work.output_tokens)
         _, service = service_seconds(work, self._rates_with_prior(work))
         return (service + self._queue_wait(service)) * self._load_factor(self._clock())
 

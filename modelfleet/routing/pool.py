@@ -65,18 +65,26 @@ class Pool:
             return self._pick(usable, work)
         return self._pinned(affinity, usable, work)
 
-    def served(self, endpoint: Endpoint, work: Work) -> Work:
+    def prefill_tokens(self, endpoint: Endpoint, work: Work) -> int:
+        """The prompt tokens `endpoint` will likely compute for `work` (its uncached ones),
+        for its lease: 0 where prefix-aware routing does not apply (no backlog is kept)."""
+        if not work.blocks or self.prefix is None:
+            return 0
+        return max(work.prompt_tokens - self.prefix.cached_tokens(endpoint.address, work.blocks), 0)
+
+    def served(self, endpoint: Endpoint, work: Work, *, ahead: int = 0) -> Work:
         """`endpoint` has taken `work` (answered, or sent its first token): its prefix
-        cache now holds the prompt. Returns the work as that server saw it, its prompt
-        less what it likely had cached, to learn its speed from (a cache hit must not
-        make its prefill look fast)."""
+        cache now holds the prompt. Returns the work as that server saw it, to learn its
+        speed from: its prompt less what it likely had cached (a cache hit must not make
+        its prefill look fast), plus the `ahead` prompt tokens it found prefilling there
+        (Lease.ahead: its first token waited for them; a queue must not make it look slow)."""
         if not work.blocks or self.prefix is None:
             return work
         cached = self.prefix.record(endpoint.address, work.blocks, prompt_tokens=work.prompt_tokens,
                                     output_tokens=work.output_tokens)
-        if not cached:
+        if not cached and not ahead:
             return work
-        return Work(work.kind, max(work.prompt_tokens - cached, 0), work.output_tokens)
+        return Work(work.kind, max(work.prompt_tokens - cached, 0) + ahead, work.output_tokens)
 
     def observe_cache(self, address: str, *, hits: float | None = None,
                       queries: float | None = None, usage: float | None = None,

@@ -9,12 +9,16 @@ server's *eviction clock*: the tokens written into its cache since (our own unca
 sends, plus what the server's own counters say other clients wrote). A block is
 likely held while fewer than `retention` tokens were written after it, where
 
-    retention = capacity_tokens x (1 - kv_cache_usage) x calibration
+    retention = capacity_tokens x calibration
 
-(LRU over the part of the cache that running requests do not hold). The server's
+(LRU over the whole cache: the blocks running requests hold are the most recently
+used ones, and a request sharing them hits them, so `kv_cache_usage` does not
+shorten retention; subtracting it made the index forget nearly everything on a
+busy server, predicting a quarter of the hits the server reported). The server's
 hit counter keeps the index honest: when the hits it reports between two scrapes
 fall far below what the index predicted, calibration shrinks (down to 0.1); when
-they match, it recovers slowly.
+they match, it recovers slowly. Counters that go back mean a restart: the index
+forgets that server's cache.
 
 Memory is bounded: at most `max_entries` (server, block) pairs, least recently
 used dropped first; an entry costs about ENTRY_BYTES (an OrderedDict slot, a 64-bit
@@ -83,7 +87,7 @@ def _mix64(x: int) -> int:
 class _ServerCache:
     """What the index knows of one server's cache."""
 
-    __slots__ = ("salt", "clock", "capacity", "usage", "calibration", "predicted_hits",
+    __slots__ = ("salt", "clock", "capacity", "calibration", "predicted_hits",
                  "own_inserted", "hits", "queries")
 
     def __init__(self, address: str, capacity: float) -> None:
@@ -92,7 +96,6 @@ class _ServerCache:
         self.salt = _mix64(_address_salt(address) + next(_generations))
         self.clock = 0  # tokens written into its cache so far
         self.capacity = capacity
-        self.usage = 0.0
         self.calibration = 1.0
         self.predicted_hits = 0  # since the last scrape
         self.own_inserted = 0  # uncached prompt tokens we sent since the last scrape
@@ -101,7 +104,7 @@ class _ServerCache:
 
     def horizon(self) -> float:
         """Blocks stamped at or before this clock value are likely evicted."""
-        return self.clock - self.capacity * (1.0 - self.usage) * self.calibration
+        return self.clock - self.capacity * self.calibration
 
 
 class PrefixIndex:
@@ -153,22 +156,23 @@ class PrefixIndex:
                         queries: float | None = None, usage: float | None = None,
                         capacity_tokens: float | None = None) -> None:
         """What a /metrics scrape of the server said: prefix-cache hit and query counters
-        (tokens), the fraction of its KV cache in use, its size in tokens (0: no prefix
-        caching). Any may be None (not exported)."""
-        hits, queries, usage, capacity_tokens = (
+        (tokens), the fraction of its KV cache in use (accepted, not used: see the module
+        docstring), its size in tokens (0: no prefix caching). Any may be None."""
+        hits, queries, capacity_tokens = (
             v if v is None or math.isfinite(v) else None  # a broken exporter's NaN / Inf
-            for v in (hits, queries, usage, capacity_tokens))
+            for v in (hits, queries, capacity_tokens))
         server = self._servers.get(address)
         if server is None:
             server = self._servers[address] = _ServerCache(address, self._default_capacity)
         if capacity_tokens is not None:
             server.capacity = max(float(capacity_tokens), 0.0)
-        if usage is not None:
-            server.usage = min(max(float(usage), 0.0), 1.0)
         if hits is None or queries is None:
             return
         if server.hits is not None and server.queries is not None \
-                and hits >= server.hits and queries >= server.queries:  # else: a restart
+                and (hits < server.hits or queries < server.queries):
+            # Its counters went back: the server restarted, and its cache is empty.
+            server = self._servers[address] = _ServerCache(address, server.capacity)
+        elif server.hits is not None and server.queries is not None:
             new_hits = hits - server.hits
             others = (queries - server.queries - new_hits) - server.own_inserted
             if others > 0:  # tokens other clients had it prefill: they age our entries too
@@ -183,6 +187,13 @@ class PrefixIndex:
         if server is None:
             return self._default_capacity
         return server.clock - server.horizon()
+
+    def counters(self, address: str) -> tuple[float, float] | None:
+        """The server's prefix-cache (hits, queries) at its last scrape; None before one."""
+        server = self._servers.get(address)
+        if server is None or server.hits is None or server.queries is None:
+            return None
+        return server.hits, server.queries
 
     def calibration(self, address: str) -> float:
         server = self._servers.get(address)
