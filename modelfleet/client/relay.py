@@ -88,6 +88,12 @@ class RelayStream:
     def output_tokens(self) -> int:
         return self._progress.raw.output_tokens
 
+    @property
+    def at_end(self) -> bool:
+        """The engine's stream has been read to its end: what was last handed out is the
+        last chunk, and the next step ends the iteration at once."""
+        return self._progress.raw.at_end
+
     def __aiter__(self) -> RelayStream:
         return self
 

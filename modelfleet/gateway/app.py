@@ -161,20 +161,24 @@ class Gateway:
 
     async def _stream(self, request: web.Request, stream: RelayStream,
                       access: Access) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": stream.content_type,
-                                               "Cache-Control": "no-cache"})
+        response = _SSEResponse(headers={"Content-Type": stream.content_type,
+                                         "Cache-Control": "no-cache"})
+        last = b""  # the engine's last bytes, sent with the end of the answer
         try:
             await response.prepare(request)
             async for chunk in stream:
-                await response.write(chunk)
+                if stream.at_end:  # nothing more is coming: no need to send it alone
+                    last += chunk
+                else:
+                    await response.write(chunk)
             if stream.failure is not None:
                 access.error = "stream_broken"
-                await response.write(stream_error_event(
-                    f"the server answering broke off the stream: {stream.failure}"))
+                last += stream_error_event(
+                    f"the server answering broke off the stream: {stream.failure}")
             access.usage(stream.usage)
             if access.tokens_out is None:
                 access.tokens_out = stream.output_tokens
-            await response.write_eof()
+            await response.write_eof(last)
         except ConnectionResetError:  # the client left between two chunks
             access.status = CLIENT_GONE
         finally:
@@ -201,6 +205,13 @@ class Gateway:
 
     async def _live(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
+
+
+class _SSEResponse(web.StreamResponse):
+    """A relayed stream: its headers go out with its first chunk, in one packet (aiohttp
+    sends a StreamResponse's headers at once otherwise; older versions ignore this)."""
+
+    _send_headers_immediately = False
 
 
 def _checked_body(path: str, raw: bytes, config: FleetConfig) -> dict[str, Any] | str:
