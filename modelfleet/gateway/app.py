@@ -68,6 +68,7 @@ class Gateway:
         self.registry = registry
         self.series = GatewaySeries(registry)
         self.gate = Gate(spec.max_concurrent)
+        self.series.in_flight.set_function(self.gate.count)  # read at a scrape, not per request
         self.retry_after_s = config.routing.probe_interval_s
         self.access_log = spec.access_log
         self._models_body = _models_list(config)
@@ -126,12 +127,10 @@ class Gateway:
         if not self.gate.enter():
             self.series.rejected.labels(reason="too_many").inc()
             return too_many(self.gate.limit)
-        self.series.in_flight.inc()
         try:
             return await self._relay_body(request, request["access"])
         finally:
             self.gate.leave()
-            self.series.in_flight.dec()
 
     async def _relay_body(self, request: web.Request, access: Access) -> web.StreamResponse:
         try:
