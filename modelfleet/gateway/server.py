@@ -35,12 +35,12 @@ def run_worker(config: FleetConfig, spec: GatewaySpec, keys: tuple[bytes, ...], 
     out in one system call); the stock loop otherwise, with the same behaviour."""
     main = serve(config, spec, keys, reuse_port=reuse_port)
     try:
-        import uvloop
+        from uvloop import run  # (0.18 and later)
     except ImportError:
         log.info("uvloop is not installed: on the stock event loop "
                  "(pip install 'modelfleet[gateway]' for more requests per second)")
         return asyncio.run(main)
-    return uvloop.run(main)
+    return run(main)
 
 
 async def serve(config: FleetConfig, spec: GatewaySpec, keys: tuple[bytes, ...], *,
