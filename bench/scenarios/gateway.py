@@ -11,15 +11,21 @@ time to first token at concurrency 1.
 On a 2-core machine the client, the sim and the gateway's workers share the cores, so the
 gateway's fraction is partly a measure of the machine: the ratios are taken within a round
 (each round measures every path once, in a rotated order) and the median over rounds kept.
+Beside them, each process's CPU time per request (user + system, from the kernel): the
+client's, the sim's and the gateway's (its parent and workers), which other load on the
+machine moves much less than it moves the throughput ratios.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import resource
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from bench.contenders.base import Target, timed
 from bench.contenders.raw import RawAiohttp
@@ -59,6 +65,9 @@ async def run(ctx: Context) -> Outcome:
     # results[op][concurrency][path] -> per round (samples, requests per second)
     results: dict[str, dict[int, dict[str, list[tuple[list[Sample], float]]]]] = {
         op: {c: {} for c in CONCURRENCY} for op in OPS}
+    # cpu[op][concurrency][path] -> per round {"client", "sim", "gateway"}: CPU s per request
+    cpu: dict[str, dict[int, dict[str, list[dict[str, float]]]]] = {
+        op: {c: {} for c in CONCURRENCY} for op in OPS}
     logs = ctx.out_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     async with ctx.fleet([ServerPlan(MODEL, speed=ZERO_DELAY)]) as fleet:
@@ -67,6 +76,9 @@ async def run(ctx: Context) -> Outcome:
         gateways = {w: GatewayProcess(config, free_port(), args=["--workers", str(w)],
                                       log_path=logs / f"gateway-x{w}.log") for w in WORKERS}
         addresses = {DIRECT: sim.address}
+        assert sim.proc is not None
+        watched: dict[str, dict[str, psutil.Process]] = {
+            DIRECT: {"sim": psutil.Process(sim.proc.pid)}}
         try:
             for w, gateway in gateways.items():
                 address = f"{HOST}:{gateway.port}"
@@ -74,16 +86,22 @@ async def run(ctx: Context) -> Outcome:
                 gateway.spawn()
                 await asyncio.to_thread(gateway.wait_ready, READY_TIMEOUT_S)
                 addresses[_path(w)] = address
+                assert gateway.proc is not None
+                watched[_path(w)] = {"sim": psutil.Process(sim.proc.pid),
+                                     "gateway": psutil.Process(gateway.proc.pid)}
             paths = list(addresses)
             for r in range(rounds):
                 order = paths[r % len(paths):] + paths[:r % len(paths)]
                 ctx.progress.line(f"gateway round {r + 1}/{rounds}: {', '.join(order)}")
                 for path in order:
-                    await _measure_path(ctx, path, addresses[path], items, box_s, results)
+                    await _measure_path(ctx, path, addresses[path], items, box_s, results,
+                                        cpu, watched[path])
         finally:
             for gateway in gateways.values():
                 await asyncio.to_thread(gateway.stop)
     _tabulate(outcome, results)
+    _tabulate_cpu(outcome, cpu)
+    outcome.tables.append(_targets(outcome.data))
     return outcome
 
 
@@ -97,7 +115,8 @@ def _fleet_file(path: Path, host: str, port: int) -> Path:
 
 
 async def _measure_path(ctx: Context, path: str, address: str, items: Sequence[ChatCall],
-                        box_s: float, results: dict) -> None:
+                        box_s: float, results: dict, cpu: dict,
+                        watched: dict[str, psutil.Process]) -> None:
     """Every op and concurrency through one path, with a client of its own."""
     client = RawAiohttp()
     await client.open(Target(MODEL, "chat", (address,), ctx.tuning))
@@ -105,10 +124,32 @@ async def _measure_path(ctx: Context, path: str, address: str, items: Sequence[C
         await _loop(client, "chat", items[:64], 8, None)  # warm: connections, the gateway's JIT-less paths
         for op in OPS:
             for c in CONCURRENCY:
+                before = _cpu_times(watched)
                 got = await _loop(client, op, items, c, None if ctx.scale.requests else box_s)
+                after = _cpu_times(watched)
                 results[op][c].setdefault(path, []).append(got)
+                done = max(1, len(got[0]))
+                cpu[op][c].setdefault(path, []).append(
+                    {who: (after[who] - before[who]) / done for who in after})
     finally:
         await client.close()
+
+
+def _cpu_times(watched: dict[str, psutil.Process]) -> dict[str, float]:
+    """CPU seconds (user + system) so far: this process (the client: it runs nothing else
+    while it measures) and each watched process with its children (a gateway's workers)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    times = {"client": own.ru_utime + own.ru_stime}
+    for who, proc in watched.items():
+        total = 0.0
+        for p in [proc, *proc.children(recursive=True)]:
+            try:
+                t = p.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            total += t.user + t.system
+        times[who] = total
+    return times
 
 
 async def _loop(client: RawAiohttp, op: str, items: Sequence[ChatCall], concurrency: int,
@@ -167,7 +208,36 @@ def _tabulate(outcome: Outcome, results: dict) -> None:
                        "added to the time to first token at concurrency 1.")
     outcome.tables.append(table)
     outcome.data = data
-    outcome.tables.append(_targets(data))
+
+
+def _tabulate_cpu(outcome: Outcome, cpu: dict) -> None:
+    table = Table("CPU per request, µs (user + system; median over rounds)",
+                  ["op", "concurrency", "path", "client", "sim", "gateway", "total",
+                   "total vs direct"])
+    data: dict[str, Any] = {}
+    for op in OPS:
+        for c in CONCURRENCY:
+            runs = cpu[op][c]
+            per_path = {path: {who: median([r.get(who, 0.0) for r in rounds])
+                               for who in ("client", "sim", "gateway")}
+                        for path, rounds in runs.items()}
+            direct_total = sum(per_path.get(DIRECT, {}).values())
+            for path, got in per_path.items():
+                total = sum(got.values())
+                table.rows.append([
+                    op, str(c), path, *(f"{got[who] * 1e6:.0f}" for who in ("client", "sim")),
+                    "—" if path == DIRECT else f"{got['gateway'] * 1e6:.0f}",
+                    f"{total * 1e6:.0f}",
+                    "—" if path == DIRECT or not direct_total else f"{total / direct_total:.2f}x"])
+                data.setdefault(op, {}).setdefault(f"c{c}", {})[path] = {
+                    **{f"{who}_cpu_s": got[who] for who in got}, "total_cpu_s": total}
+    table.notes.append(
+        "Each process's CPU time over a measurement divided by the requests it finished "
+        "(requests cancelled at the time box's end are left out of the count, not the time). "
+        "When the cores are the limit, throughput through the gateway is at most about "
+        "`direct total / gateway-path total` of direct.")
+    outcome.tables.append(table)
+    outcome.data["cpu_per_request"] = data
 
 
 def _targets(data: dict) -> Table:
