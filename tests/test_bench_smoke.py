@@ -1,4 +1,5 @@
-"""The bench still runs: tiny overhead and cpu runs as a user would start them, tables and JSON out.
+"""The bench still runs: tiny overhead, cpu and gateway runs as a user would start them,
+tables and JSON out.
 
 No timing is asserted (speed claims live in bench/README.md, measured side by side); this only
 checks that the harness starts its sims, drives raw aiohttp and modelfleet through every op,
@@ -89,6 +90,30 @@ def test_cpu_scenario_measures_each_client_process(tmp_path):
     assert doc["sim_servers"] and all(refuses(a) for a in doc["sim_servers"]), doc["sim_servers"]
     assert "bench.cpu_client --serve --contender raw-aiohttp" in \
         (out / "logs" / "cpu-clients.log").read_text()
+
+
+def test_gateway_scenario_measures_direct_and_one_and_two_workers(tmp_path):
+    out = tmp_path / "results"
+    proc = run_bench("--scenario", "gateway", "--no-plots", "--requests", "12", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = ("direct", "gateway x1", "gateway x2")
+    for op in ("chat", "stream"):
+        for c in ("1", "64"):
+            for path in paths:
+                assert f"| {op} | {c} | {path} |" in proc.stdout, (op, c, path, proc.stdout)
+    assert "**gateway targets**" in proc.stdout
+
+    doc = json.loads((out / "results.json").read_text())
+    results = doc["scenarios"]["gateway"]["results"]
+    for op in ("chat", "stream"):
+        for c in ("c1", "c64"):
+            for path in paths:
+                row = results[op][c][path]
+                assert row["n"] == 12 and row["errors"] == 0, (op, c, path, row)
+    # The sim and both gateways (a parent and its two workers for x2) are stopped.
+    gateways = re.findall(r"starting gateway x\d on (\S+)", proc.stderr)
+    assert len(gateways) == 2, proc.stderr
+    assert all(refuses(a) for a in [*doc["sim_servers"], *gateways]), proc.stderr
 
 
 def test_unknown_loop_is_a_usage_error(tmp_path):

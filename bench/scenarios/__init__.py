@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from bench.scenarios.base import Context, Outcome
 
 NAMES = ("heterogeneous", "degrade", "failures", "herd", "overhead", "cpu", "embeddings",
-         "prefix", "tail", "chaos")
+         "prefix", "tail", "chaos", "gateway")
 
 
 def runner(name: str) -> Callable[[Context], Awaitable[Outcome]]:

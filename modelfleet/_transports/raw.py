@@ -117,10 +117,17 @@ class RawStream:
         return buffered
 
     def _check_opening(self, events: bytes) -> None:
-        """The first events must be JSON; an error event there is the server's (or the
-        request's) failure, raised so the request is retried (or refused) as a whole."""
+        """The first event must be JSON; an error event among the first ones is the
+        server's (or the request's) failure, raised so the request is retried (or refused)
+        as a whole. Only the first event, and any line naming an `"error"` key, is parsed:
+        a fast engine's opening can hold the whole answer, which is passed on unparsed."""
+        first = events.find(b"\n\n")
+        head = events if first < 0 else events[:first + 1]
+        rest = b"" if first < 0 else events[first + 1:]
+        if b'"error"' in rest:  # (in JSON text a quote inside a string is escaped)
+            head = events
         try:
-            parsed = parse_sse(events)
+            parsed = parse_sse(head)
         except Exception as exc:  # not UTF-8, not JSON
             raise malformed(f"stream not JSON ({exc})") from None
         for event in parsed:
@@ -135,6 +142,12 @@ class RawStream:
         if type(data) is dict:
             raise_in_band_error(data)
         self.finished = True
+
+    @property
+    def at_end(self) -> bool:
+        """Every byte of the stream has arrived and been read: the next read ends it
+        without waiting (so a caller can send the last bytes together with its own end)."""
+        return self._eof or self.response.content.at_eof()
 
     def __aiter__(self) -> RawStream:
         return self

@@ -53,6 +53,7 @@ class RelayProgress:
     raw: RawStream
     failure: str | None = None  # why it broke after its first event (None: it did not)
     done: bool = False  # read to its end (not left early by the caller)
+    started: bool = False  # its chunks were asked for (else closing it must end it)
     usage: dict[str, int] = field(default_factory=dict)
 
 
@@ -63,9 +64,11 @@ class RelayStream:
     `failure` says, after the last chunk, whether the engine broke off (the caller tells
     its own client); `usage` and `output_tokens` fill in at the end."""
 
-    def __init__(self, progress: RelayProgress, chunks: AsyncIterator[bytes]) -> None:
+    def __init__(self, progress: RelayProgress, chunks: AsyncIterator[bytes],
+                 abandon: Callable[[], None]) -> None:
         self._progress = progress
         self._chunks = chunks
+        self._abandon = abandon
 
     @property
     def server(self) -> str:
@@ -91,6 +94,12 @@ class RelayStream:
     def output_tokens(self) -> int:
         return self._progress.raw.output_tokens
 
+    @property
+    def at_end(self) -> bool:
+        """The engine's stream has been read to its end: what was last handed out is the
+        last chunk, and the next step ends the iteration at once."""
+        return self._progress.raw.at_end
+
     def __aiter__(self) -> RelayStream:
         return self
 
@@ -99,6 +108,7 @@ class RelayStream:
 
     async def aclose(self) -> None:
         await self._chunks.aclose()  # type: ignore[attr-defined]
+        self._abandon()  # closing a generator never started runs none of its cleanup
 
 
 class _Counted:
@@ -154,7 +164,16 @@ async def relay_stream(route: Route, transport: AsyncBaseTransport, rng: random.
     progress = RelayProgress(server=endpoint.address, attempts=counted.attempts, raw=raw)
     ended = after if metrics is None else _counting_end(metrics, endpoint.address, started,
                                                         progress, after)
-    return RelayStream(progress, _chunks(progress, endpoint, raw, first, work, ended))
+
+    def abandon() -> None:
+        """Closed before its first chunk was asked for (the caller's own client left):
+        the engine connection closes (the engine aborts), and the end is counted."""
+        if not progress.started:
+            progress.started = True
+            raw.close()
+            ended()
+
+    return RelayStream(progress, _chunks(progress, endpoint, raw, first, work, ended), abandon)
 
 
 def _counting_end(metrics: ModelMetrics, server: str, started: float, progress: RelayProgress,
@@ -176,6 +195,7 @@ async def _chunks(progress: RelayProgress, endpoint: Endpoint, raw: RawStream, f
                   work: Work, after: Callable[[], None]) -> AsyncIterator[bytes]:
     # The opening was one attempt under its own lease; the rest holds another, taken with
     # no await in between (as the client's own streams do).
+    progress.started = True
     with endpoint.lease():
         try:
             yield first

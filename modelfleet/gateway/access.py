@@ -17,6 +17,8 @@ CLIENT_GONE = 499  # the status logged for a client that left before its answer 
 
 def _clean(text: object, limit: int = 64) -> str:
     shown = str(text)[:limit]
+    if shown.isprintable() and " " not in shown:  # (the usual case, checked in C)
+        return shown or "-"
     return "".join(c if c.isprintable() and not c.isspace() else "?" for c in shown) or "-"
 
 
@@ -49,9 +51,11 @@ class Access:
         if not log.isEnabledFor(logging.INFO):
             return
         latency_ms = (time.perf_counter() - self.started) * 1000.0
-        log.info("%s %s model=%s server=%s status=%d latency_ms=%.1f tokens_in=%s "
-                 "tokens_out=%s attempts=%d stream=%s%s", self.method, self.path,
-                 _clean(self.model), self.server, status, latency_ms,
-                 "-" if self.tokens_in is None else self.tokens_in,
-                 "-" if self.tokens_out is None else self.tokens_out, self.attempts,
-                 "yes" if self.stream else "no", f" error={self.error}" if self.error else "")
+        tokens_in = "-" if self.tokens_in is None else self.tokens_in
+        tokens_out = "-" if self.tokens_out is None else self.tokens_out
+        error = f" error={self.error}" if self.error else ""
+        # One string, no arguments left for logging to format.
+        log.info(f"{self.method} {self.path} model={_clean(self.model)} server={self.server} "
+                 f"status={status:d} latency_ms={latency_ms:.1f} tokens_in={tokens_in} "
+                 f"tokens_out={tokens_out} attempts={self.attempts:d} "
+                 f"stream={'yes' if self.stream else 'no'}{error}")
