@@ -92,7 +92,7 @@ class Discovery:
                 task.cancel()
         self._probing.clear()
 
-    async def wait_first(self, client: AsyncModelServer, timeout_s: float = DISCOVERY_WAIT_S) -> None:
+    async def wait_first(self, client: AsyncModelServer, timeout_s: float | None = None) -> None:
         """Until the model has a server that answered its probe; NoServerAvailable after
         `timeout_s`, naming the source and what went wrong."""
         self.ensure_running(client)
@@ -100,7 +100,7 @@ class Discovery:
             return
         assert self._joined is not None
         try:
-            await asyncio.wait_for(self._joined.wait(), timeout_s)
+            await asyncio.wait_for(self._joined.wait(), DISCOVERY_WAIT_S if timeout_s is None else timeout_s)
         except asyncio.TimeoutError:
             if not self.route.servers:
                 raise NoServerAvailable(self.route.spec.name, self.reasons()) from None
