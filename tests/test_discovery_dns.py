@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import SimProcess, free_port, run_cli, write_fleet
+from helpers import SimProcess, run_cli, write_fleet
 from prometheus_client import CollectorRegistry, generate_latest
 
 from modelfleet.client import AsyncModelServer, ModelServer
@@ -26,7 +26,7 @@ from modelfleet.client import discovered as discovered_module
 from modelfleet.config import DiscoverSpec, FleetConfig, ModelSpec, RoutingSpec
 from modelfleet.discovery.dns import DnsSource
 from modelfleet.errors import NoServerAvailable
-from modelfleet.testing import metric_value, port_is_free
+from modelfleet.testing import metric_value, shared_port
 from modelfleet.testing_dns import LocalDns
 
 NAME = "llama.fleet.test"
@@ -34,19 +34,10 @@ HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
 
 
-def shared_port() -> int:
-    """A port free on every host of HOSTS at once."""
-    for _ in range(50):
-        port = free_port(HOSTS[0])
-        if all(port_is_free(host, port) for host in HOSTS):
-            return port
-    raise RuntimeError("no port free on every loopback address")
-
-
 @pytest.fixture(scope="module")
 def sims() -> Iterator[dict[str, SimProcess]]:
     """One sim per host of HOSTS, all on one port; by address."""
-    port = shared_port()
+    port = shared_port(HOSTS)
     started = [SimProcess(port, "m", host=host, flags={"speed": 50, "seed": i}).spawn()
                for i, host in enumerate(HOSTS)]
     try:
