@@ -194,10 +194,13 @@ class FleetProber:
 
     async def _look_up(self, spec: ModelSpec) -> tuple[DiscoveryRow, tuple[ServerSpec, ...], ModelSpec]:
         assert spec.discover is not None
-        source = source_for(spec.discover)
-        snapshots = source.snapshots()
+        described = spec.discover.describe()
+        snapshots = None
         wait_s = max(self.timeout_s, 5.0)
         try:
+            source = source_for(spec.discover)  # (a missing library raises here)
+            described = source.describe()
+            snapshots = source.snapshots()
             snapshot = await asyncio.wait_for(anext(snapshots), wait_s)
         except asyncio.TimeoutError:
             snapshot = Snapshot(ready=(), error=f"no answer in {wait_s:g} s")
@@ -209,7 +212,7 @@ class FleetProber:
                 await close()
         error = snapshot.error or (None if snapshot.ready else "the answer named no ready server")
         servers = tuple(ServerSpec(host=host, port=port) for host, port in snapshot.ready)
-        row = DiscoveryRow(source=source.describe(), found=len(servers),
+        row = DiscoveryRow(source=described, found=len(servers),
                            draining=len(snapshot.draining), found_at=time.time(),
                            error=_masked(error, spec) if error else None)
         return row, servers, spec

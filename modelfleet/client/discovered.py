@@ -41,7 +41,8 @@ log = logging.getLogger("modelfleet.client")
 DISCOVERY_WAIT_S = 10.0  # how long a request waits for a model's first discovered servers
 REPROBE_FIRST_S = 1.0  # a new server that did not answer its probe is probed again after this,
 REPROBE_MAX_S = 10.0  # doubling up to this
-RESTART_S = 1.0  # a source that broke (a bug, not a failed lookup) is started again after this
+RESTART_S = 1.0  # a source that broke (not a failed lookup: a bug, a missing library) is
+#                  started again after this, doubling up to REPROBE_MAX_S
 
 
 class Discovery:
@@ -106,25 +107,33 @@ class Discovery:
                 raise NoServerAvailable(self.route.spec.name, self.reasons()) from None
 
     async def _run(self) -> None:
+        pause = RESTART_S
+        broke: str | None = None
         while True:
-            if self.source is None:
-                self.source = source_for(self._spec)
-                self.description = self.source.describe()
-            snapshots = self.source.snapshots()
+            snapshots = None
             try:
+                if self.source is None:
+                    self.source = source_for(self._spec)  # (a missing library raises here)
+                    self.description = self.source.describe()
+                snapshots = self.source.snapshots()
                 async for snapshot in snapshots:
                     self.apply(snapshot)
+                    pause = RESTART_S
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # a broken source must not end discovery
-                log.exception("%s: discovery through %s broke", self.route.spec.name, self.description)
-                self.apply(Snapshot(ready=(), error=f"the source broke ({type(exc).__name__}: {exc})",
-                                    source=self.description))
+                why = f"the source broke ({type(exc).__name__}: {exc})"
+                if why != broke:  # once per new trouble, not every restart
+                    log.error("%s: discovery through %s: %s", self.route.spec.name,
+                              self.description, why, exc_info=exc)
+                broke = why
+                self.apply(Snapshot(ready=(), error=why, source=self.description))
             finally:
                 close = getattr(snapshots, "aclose", None)
                 if close is not None:
                     await close()
-            await asyncio.sleep(RESTART_S)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, REPROBE_MAX_S)
 
     # -- applying a snapshot ------------------------------------------------
 
@@ -175,9 +184,11 @@ class Discovery:
         self.last_error = why
         if self._trouble != trouble:
             self._trouble = trouble
-            log.warning("%s: discovery through %s: %s; keeping the last known-good set "
-                        "(%d servers)", self.route.spec.name, self.description, why,
-                        len(self.route.servers))
+            kept = len(self.route.servers)
+            log.warning("%s: discovery through %s: %s; %s", self.route.spec.name,
+                        self.description, why,
+                        f"keeping the last known-good set ({kept} servers)" if kept
+                        else "no servers found yet")
 
     def _leave(self, address: str) -> None:
         endpoint = self.route.pool.endpoints.get(address)
