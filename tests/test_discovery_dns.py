@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from modelfleet.client import AsyncModelServer, ModelServer
 from modelfleet.client import discovered as discovered_module
+from modelfleet.client.discovered import Discovery
 from modelfleet.config import DiscoverSpec, FleetConfig, ModelSpec, RoutingSpec
+from modelfleet.discovery import Snapshot, Source
 from modelfleet.discovery.dns import DnsSource
 from modelfleet.errors import NoServerAvailable
 from modelfleet.testing import metric_value, shared_port
@@ -280,6 +282,52 @@ def test_the_sync_client_finds_its_servers_too(sims: dict[str, SimProcess], dns:
     with ModelServer(config=config(dns, port_of(sims))) as client:
         served = {client.chat("m", MESSAGES, max_tokens=4).server for _ in range(16)}
     assert served == {f"{host}:{port_of(sims)}" for host in HOSTS[1:]}
+
+
+# -- the seam: any Source's snapshots (what the Kubernetes source sends too) -------------------------
+
+class ScriptedSource(Source):
+    """Snapshots put in by the test, as a source would send them."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[Snapshot] = asyncio.Queue()
+
+    def describe(self) -> str:
+        return "scripted"
+
+    async def snapshots(self) -> AsyncIterator[Snapshot]:
+        while True:
+            yield await self.queue.get()
+
+
+async def test_draining_entries_leave_and_a_whole_set_replaced_keeps_serving(
+        sims: dict[str, SimProcess]) -> None:
+    a, b, c = sims
+    pair = {address: (sim.host, sim.port) for address, sim in sims.items()}
+    spec = DiscoverSpec(dns="unused.fleet.test", port=1)
+    cfg = FleetConfig(models={"m": ModelSpec(name="m", backend="sim", discover=spec)},
+                      routing=RoutingSpec(probe_interval_s=60.0))
+    async with AsyncModelServer(config=cfg) as client:
+        route = client._route("m")
+        source = ScriptedSource()
+        route.discovery = discovery = Discovery(route, source)
+        source.queue.put_nowait(Snapshot(ready=(pair[a], pair[b])))
+        assert set(await servers_of(client, 16)) == {a, b}
+
+        # Serving but terminating: no new requests.
+        source.queue.put_nowait(Snapshot(ready=(pair[a],), draining=(pair[b],)))
+        await until(lambda: b not in route.servers, what="the draining one left the pool")
+        assert discovery.draining() == [b]
+        assert set(await servers_of(client, 16)) == {a}
+
+        # Every server replaced at once, the newcomer not answering yet: the old one serves on.
+        sims[c].fault(error_rate=1.0)
+        source.queue.put_nowait(Snapshot(ready=(pair[c],)))
+        await until(lambda: c in discovery.probe_failures, what="the newcomer's probe failed")
+        assert set(await servers_of(client, 16)) == {a}
+        sims[c].fault(reset=True)
+        await until(lambda: c in route.servers and a not in route.servers, what="replaced")
+        assert set(await servers_of(client, 16)) == {c}
 
 
 # -- the fleet file -------------------------------------------------------------------------------
