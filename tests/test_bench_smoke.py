@@ -205,3 +205,20 @@ def test_tail_scenario_tiny_run(tmp_path):
     assert set(results["hedge_after: 0.1"]["hedges"]) >= {"sent", "won", "lost", "denied_by_budget"}
     doc = json.loads((out / "results.json").read_text())
     assert all(refuses(a) for a in doc["sim_servers"]), doc["sim_servers"]
+
+
+def test_scale_out_scenario_tiny_run(tmp_path):
+    """2 -> 3 -> 2 sims named by the bench's DNS server, under load: the newcomer is found
+    and answers, the leaver gets nothing once the client dropped it, no caller error."""
+    out = tmp_path / "results"
+    proc = run_bench("--scenario", "scale-out", "--no-plots", "--requests", "8", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    results = doc["scenarios"]["scale-out"]["results"]
+    assert results["caller_errors"] == 0 and results["requests"] > 0, results
+    (joined, row), = results["joined"].items()
+    assert joined.startswith("127.0.0.4:") and row["first_answer_s"] >= 0, results
+    (left, row), = results["left"].items()
+    assert left == joined and row["requests_after_client_dropped"] == 0, results
+    assert "| requests | caller errors |" in proc.stdout
+    assert doc["sim_servers"] and all(refuses(a) for a in doc["sim_servers"]), doc["sim_servers"]
