@@ -23,7 +23,8 @@ retry budget, and the continuation's own opening is retried like any request's. 
 it cannot go on (continuation off, no server left, the budget or the moves spent, a
 server refusing the continuation), the caller gets `StreamInterrupted` with all the
 text so far. A break after every token asked for came (only the end was lost) ends the
-stream as finished ("length").
+stream as finished ("length"). `reopen()` holds these rules for the gateway's relayed
+streams too (`relay_continuation.py`), which keep their bytes and count their own text.
 """
 
 from __future__ import annotations
