@@ -209,7 +209,8 @@ class AsyncModelServer:
         an alias; the server's own name is written in), with the same routing, retries and
         failover as `chat()` and `embed()`. The answer comes back as the engine sent it:
         a `RelayAnswer` (bytes), or with `"stream": true` a `RelayStream` of its bytes,
-        retried elsewhere only before its first event.
+        retried elsewhere before its first event and continued elsewhere after it
+        (`routing.continue_streams`; `client/relay_continuation.py`).
 
         Raises `UnknownModel`, `UsageError` (a model of the other kind, a path it does
         not serve), `NoServerAvailable`, `RequestRejected` (the engine's 4xx)."""
@@ -247,7 +248,8 @@ class AsyncModelServer:
             work = Work.for_embedding(body.get("input") or "")
         if kind == "chat" and body.get("stream") is True:
             return await relay_stream(route, self._transport, self._rng, path, payload, work,
-                                      affinity, after=lambda: self._maybe_benchmark(route))
+                                      affinity, after=lambda: self._maybe_benchmark(route),
+                                      go_on=route.routing.continue_streams)
         try:
             return await relay_whole(route, self._transport, self._rng, path, payload, work,
                                      affinity, bounded=kind == "embedding" or max_tokens is not None)

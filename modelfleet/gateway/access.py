@@ -1,7 +1,8 @@
 """The access log: one line per request, written when its answer (or stream) ended.
 
 What it holds: method, path, the model asked for, the server that answered, status,
-latency, tokens in and out, attempts, and whether it streamed. Never a key, a header or
+latency, tokens in and out, attempts, whether it streamed (and `continued=N` when a
+stream moved to another server N times after a break). Never a key, a header or
 a prompt: the only text from the client is the model name, cut short and kept on one line.
 """
 
@@ -26,7 +27,7 @@ class Access:
     """What one request did, filled in as it goes, written once by `done()`."""
 
     __slots__ = ("method", "path", "started", "model", "server", "status", "tokens_in",
-                 "tokens_out", "attempts", "stream", "error")
+                 "tokens_out", "attempts", "stream", "error", "continued")
 
     def __init__(self, method: str, path: str) -> None:
         self.method = method
@@ -40,6 +41,7 @@ class Access:
         self.attempts = 0
         self.stream = False
         self.error: str | None = None  # what went wrong after the status went out
+        self.continued = 0  # times a stream moved to another server after a break
 
     def usage(self, usage: object) -> None:
         if isinstance(usage, dict):
@@ -54,6 +56,8 @@ class Access:
         tokens_in = "-" if self.tokens_in is None else self.tokens_in
         tokens_out = "-" if self.tokens_out is None else self.tokens_out
         error = f" error={self.error}" if self.error else ""
+        if self.continued:
+            error = f" continued={self.continued:d}{error}"
         # One string, no arguments left for logging to format.
         log.info(f"{self.method} {self.path} model={_clean(self.model)} server={self.server} "
                  f"status={status:d} latency_ms={latency_ms:.1f} tokens_in={tokens_in} "

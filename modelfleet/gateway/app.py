@@ -5,7 +5,9 @@ just enough to route it (JSON, a `model`, the field the route needs), then hande
 `AsyncModelServer.relay()`, which routes it (peak-EWMA, prefix awareness, retries and
 failover before the first byte) and gives back the engine's answer as bytes. Those bytes
 go to the client as they are: a whole body, or a stream chunk by chunk as it arrives.
-Every other body parameter reaches the engine untouched.
+Every other body parameter reaches the engine untouched. A stream whose server breaks
+after its first event is continued on another server, its client seeing one stream
+(`client/relay_continuation.py`); when none can, it ends with an error event.
 
 A client that leaves cancels its handler (the runner is made with handler cancellation),
 which closes the engine connection at once: the engine aborts the request.
@@ -166,10 +168,15 @@ class Gateway:
         try:
             await response.prepare(request)
             async for chunk in stream:
+                if last:  # (a stream continued on another server after all)
+                    await response.write(last)
+                    last = b""
                 if stream.at_end:  # nothing more is coming: no need to send it alone
-                    last += chunk
+                    last = chunk
                 else:
                     await response.write(chunk)
+            access.server, access.attempts = stream.server, stream.attempts
+            access.continued = stream.continuations
             if stream.failure is not None:
                 access.error = "stream_broken"
                 last += stream_error_event(
