@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from modelfleet._exceptions import TRANSPORT_ERRORS, EngineFailure, engine_failure
+from modelfleet._transports.ending import Ending
 from modelfleet._transports.models import RawAnswer, ResponseBody
 from modelfleet._transports.parse import (
     json_kind,
@@ -59,7 +60,7 @@ async def read_raw_answer(response: ResponseBody, sent_at: float, *, deadline_s:
                      total_s=total_s, output_tokens=output_tokens)
 
 
-class RawStream:
+class RawStream(Ending):
     """A stream's bytes as they arrive (`async for chunk in ...`), after `first()`.
 
     Closing it (or leaving it early) closes the engine connection, which is how engines
@@ -67,22 +68,20 @@ class RawStream:
     it properly (`data: [DONE]`, or one JSON body from a server that ignored `stream`).
     """
 
-    __slots__ = ("response", "server", "sent_at", "stall_s", "content_type", "events",
-                 "first_at", "ended_at", "finished", "_tail", "_on_end", "_eof")
+    __slots__ = ("server", "sent_at", "stall_s", "content_type", "events",
+                 "first_at", "finished", "_tail", "_eof")
 
     def __init__(self, response: ResponseBody, server: str, sent_at: float, stall_s: float,
                  *, on_end: Callable[[], None] | None = None) -> None:
-        self.response = response
+        super().__init__(response, on_end)
         self.server = server
         self.sent_at = sent_at
         self.stall_s = stall_s
         self.content_type = response.content_type or "text/event-stream"
         self.events = 0  # `data:` lines seen (about one per token)
         self.first_at: float | None = None
-        self.ended_at: float | None = None
         self.finished = False
         self._tail = b""
-        self._on_end = on_end
         self._eof = False
 
     async def first(self) -> bytes:
@@ -180,22 +179,7 @@ class RawStream:
     def _finish(self) -> None:
         if self.content_type != _JSON:
             self.finished = _DONE_LINE in self._tail
-        if self.ended_at is None:
-            self.ended_at = time.perf_counter()
-            self.response.release()
-            self._ended()
-
-    def close(self) -> None:
-        """Drop the engine connection (a no-op after the stream ended)."""
-        if self.ended_at is None:
-            self.ended_at = time.perf_counter()
-            self.response.close()
-            self._ended()
-
-    def _ended(self) -> None:
-        if self._on_end is not None:
-            on_end, self._on_end = self._on_end, None
-            on_end()
+        super()._finish()
 
     @property
     def usage(self) -> dict[str, int]:
