@@ -20,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from modelfleet.testing import HOST, SimProcess, free_port
+from modelfleet.testing import HOST, SimProcess, free_port, shared_port
 
 _LIVE: set[SimServer] = set()
 _STARTED: list[str] = []  # every address a sim was started on, for the report (and its test)
@@ -61,8 +61,8 @@ class ServerPlan:
 class SimServer(SimProcess):
     """One sim of the bench: its plan, and the bookkeeping that stops it even at exit."""
 
-    def __init__(self, plan: ServerPlan, port: int, log_path: Path) -> None:
-        super().__init__(port, plan.model, plan.kind, host=HOST,
+    def __init__(self, plan: ServerPlan, port: int, log_path: Path, host: str = HOST) -> None:
+        super().__init__(port, plan.model, plan.kind, host=host,
                          flags=plan.sim_flags(), log_path=log_path)
         self.argv = plan.argv(port) or self.argv
         self.plan = plan
@@ -98,10 +98,18 @@ class SimFleet:
     """A group of sims started together and always stopped together (`async with`)."""
 
     def __init__(self, plans: Sequence[ServerPlan], log_dir: Path,
-                 say: Callable[[str], None] | None = None) -> None:
+                 say: Callable[[str], None] | None = None,
+                 hosts: Sequence[str] | None = None) -> None:
+        """With `hosts` (loopback addresses, one per plan), every sim listens on its own
+        address and all on ONE port, as the pods behind a headless Service do."""
         log_dir.mkdir(parents=True, exist_ok=True)
-        self.servers = [SimServer(p, free_port(), log_dir / f"sim-{p.model}-{i}.log")
-                        for i, p in enumerate(plans)]
+        if hosts is None:
+            self.servers = [SimServer(p, free_port(), log_dir / f"sim-{p.model}-{i}.log")
+                            for i, p in enumerate(plans)]
+        else:
+            port = shared_port(hosts)
+            self.servers = [SimServer(p, port, log_dir / f"sim-{p.model}-{host}.log", host=host)
+                            for p, host in zip(plans, hosts, strict=True)]
         self._say = say
         self._session: aiohttp.ClientSession | None = None
 

@@ -133,6 +133,10 @@ def select_servers(
         hint = ("check the spelling of --host" if host else
                 "run the launcher on one of those hosts, or pass --host NAME_OR_IP to serve that "
                 "host's share here")
+        found = [m.name for m in models if m.discover is not None]
+        if found:  # their servers are started by whatever they are found in (Kubernetes, ...)
+            hint += (f"; {', '.join(found)} find their servers through discover:, which the "
+                     "launcher does not start")
         raise UsageError(
             f"no server of {scope} belongs to {where}; its servers are on: "
             f"{', '.join(hosts) or '(none)'}; {hint}"

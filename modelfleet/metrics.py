@@ -38,6 +38,13 @@ client), `modelfleet_server_expected_latency_seconds` (of a 128+128-token reques
 `modelfleet_server_requests_running` / `_waiting` (the engine's own queue, as last
 scraped) and `modelfleet_server_prefix_cache_hit_ratio` (the engine's prefix-cache hits
 over queries between its last two scrapes). Only models that were used have servers here.
+
+Per model whose servers are found (`discover:`, client/discovered.py), also read at
+scrape time: `modelfleet_discovery_servers{model,state}` (ready: in the pool; draining:
+taking no new request, some still finishing), `modelfleet_discovery_last_change_timestamp_seconds{model}`
+(when the set last changed, Unix time), and the counter
+`modelfleet_discovery_errors_total{model}` (lookups that failed; the last known-good
+servers were kept).
 """
 
 from __future__ import annotations
@@ -120,6 +127,9 @@ class FleetMetrics:
         self.continuations = Counter("modelfleet_stream_continuations_total",
                                      "Streams broken after their first token, by what followed.",
                                      ("model", "outcome"), registry=registry)
+        self.discovery_errors = Counter("modelfleet_discovery_errors_total",
+                                        "Discovery lookups that failed (the last known-good "
+                                        "servers were kept).", ("model",), registry=registry)
         self._models: dict[str, ModelMetrics] = {}
         self._routes: weakref.WeakSet[Route] = weakref.WeakSet()
         registry.register(ServerCollector(self))
@@ -150,7 +160,7 @@ class ModelMetrics:
     observes, no label resolution."""
 
     __slots__ = ("model", "_fleet", "duration", "ttft", "attempts", "_requests", "_retries",
-                 "_hedges", "_continuations", "cache_ratio", "_cache_seen")
+                 "_hedges", "_continuations", "cache_ratio", "_cache_seen", "_discovery_errors")
 
     def __init__(self, fleet: FleetMetrics, model: str) -> None:
         self.model = model
@@ -167,6 +177,7 @@ class ModelMetrics:
                                for outcome in CONTINUATION_OUTCOMES}
         self.cache_ratio: dict[str, float] = {}  # by server: the prefix-cache hit ratio
         self._cache_seen: dict[str, tuple[float, float]] = {}  # its last (hits, queries)
+        self._discovery_errors: Any = None  # bound for models with discover: only
 
     def tally(self) -> Tally:
         """One request starts now."""
@@ -196,6 +207,12 @@ class ModelMetrics:
     def continuation(self, outcome: str) -> None:
         """A stream broke after its first token, and then `outcome` (CONTINUATION_OUTCOMES)."""
         self._continuations[outcome].inc()
+
+    def discovery_failed(self, count: int = 1) -> None:
+        """A discovery lookup failed (0: the model's series is made, at 0)."""
+        if self._discovery_errors is None:
+            self._discovery_errors = self._fleet.discovery_errors.labels(self.model)
+        self._discovery_errors.inc(count)
 
     def observe_cache(self, server: str, cache: CacheSample | None) -> None:
         """A probe's scrape of the server's prefix-cache counters: the ratio of hits to
@@ -279,6 +296,13 @@ class ServerCollector(Collector):
         seen: set[tuple[str, str]] = set()
         for route in self._fleet.routes():
             model = route.spec.name
+            discovery = route.discovery
+            if discovery is not None and (model, "") not in seen:
+                seen.add((model, ""))
+                families["discovered"].add_metric([model, "ready"], len(route.servers))
+                families["discovered"].add_metric([model, "draining"], len(discovery.draining()))
+                if discovery.last_change is not None:
+                    families["changed"].add_metric([model], discovery.last_change)
             ratios = route.metrics.cache_ratio if route.metrics is not None else {}
             for endpoint in list(route.pool.endpoints.values()):
                 key = (model, endpoint.address)
@@ -321,6 +345,13 @@ class ServerCollector(Collector):
             "waiting": gauge("requests_waiting", "The engine's waiting requests (its /metrics)."),
             "cache": gauge("prefix_cache_hit_ratio",
                            "The engine's prefix-cache hits / queries between its last scrapes."),
+            "discovered": GaugeMetricFamily(
+                "modelfleet_discovery_servers", "Servers found through discovery, by state "
+                "(ready: taking requests; draining: no new ones).", labels=["model", "state"]),
+            "changed": GaugeMetricFamily(
+                "modelfleet_discovery_last_change_timestamp_seconds",
+                "When the model's discovered set of servers last changed (Unix time).",
+                labels=["model"]),
         }
 
 

@@ -18,6 +18,10 @@ Status, per server:
 A model is healthy when at least one of its servers answered the probe; the
 command exits 1 when some model is not, so it works as a readiness check.
 
+A model with `discover:` has its servers found once, at the report's start (the
+first Snapshot of its source, modelfleet/discovery/); its summary says where they
+came from, when, and what went wrong if the lookup failed.
+
 This module gathers the data; showing it (the table, the JSON line) is the CLI's
 part, in `modelfleet/cli/report_view.py`.
 """
@@ -28,13 +32,14 @@ import asyncio
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from modelfleet._transports.aiohttp import AiohttpTransport
 from modelfleet._transports.models import CacheSample
 from modelfleet.client.route import Route
 from modelfleet.config import FleetConfig, ModelSpec, ServerSpec
+from modelfleet.discovery import Snapshot, source_for
 from modelfleet.probe import ProbeResult, apply_probe, benchmark_work, probe_server
 from modelfleet.routing import Endpoint, Failure, Health, Pool
 
@@ -74,6 +79,17 @@ class ServerRow:
 
 
 @dataclass(frozen=True)
+class DiscoveryRow:
+    """Where a model's servers were found (`discover:`), as the report's lookup saw them."""
+
+    source: str  # "dns llama.fleet.svc:8000", "kubernetes ns/svc:http"
+    found: int  # servers that take requests
+    draining: int  # servers leaving (no new requests)
+    found_at: float  # time.time() of the lookup (the report looks once, at its start)
+    error: str | None  # why the lookup failed or found nothing; None when it worked
+
+
+@dataclass(frozen=True)
 class ModelRow:
     """A model's summary line."""
 
@@ -83,6 +99,7 @@ class ModelRow:
     servers: int
     healthy: int
     picked: str | None  # host:port, or None when no server answered
+    discovery: DiscoveryRow | None = None  # None: its servers are listed in the fleet file
 
 
 @dataclass(frozen=True)
@@ -110,7 +127,8 @@ class FleetReport:
         """The `--json` shape: {"servers": [...], "models": {...}, ...}."""
         return {
             "servers": [asdict(row) for row in self.servers],
-            "models": {m.name: {k: v for k, v in asdict(m).items() if k != "name"}
+            "models": {m.name: {k: v for k, v in asdict(m).items()
+                                if k != "name" and not (k == "discovery" and v is None)}
                        for m in self.models},
             "ok": self.ok,
             "config": self.config,
@@ -133,13 +151,15 @@ class FleetProber:
         self.models: list[ModelSpec] = [config.models[name] for name in names]
         self.timeout_s = timeout_s
         self._transport = AiohttpTransport(limit_per_host=8, connect_timeout_s=timeout_s)
-        # The client's own routing state per model, so "would pick" is the client's answer.
-        self._pools = {spec.name: Route(spec, config.routing).pool for spec in self.models}
+        self._pools: dict[str, Pool] = {}
+        self._discovered: dict[str, DiscoveryRow] = {}  # by model, once found
         self._caches: dict[tuple[str, str], CacheSample] = {}  # the previous round's, per server
 
     async def probe(self) -> FleetReport:
         """One round: every server of every model at once."""
         started = time.perf_counter()
+        if not self._pools:
+            await self._find_servers()
         jobs = [(spec, server) for spec in self.models for server in spec.servers]
         results = await asyncio.gather(*(self._probe_one(spec, server) for spec, server in jobs))
         by_model: dict[str, list[tuple[ServerSpec, ProbeResult]]] = {}
@@ -154,11 +174,48 @@ class FleetProber:
             summaries.append(ModelRow(name=spec.name, kind=spec.kind,
                                       policy=self.config.routing.policy,
                                       servers=len(model_rows),
-                                      healthy=sum(r.healthy for r in model_rows), picked=picked))
+                                      healthy=sum(r.healthy for r in model_rows), picked=picked,
+                                      discovery=self._discovered.get(spec.name)))
         return FleetReport(servers=tuple(rows), models=tuple(summaries),
                            config=str(self.config.path) if self.config.path else None,
                            policy=self.config.routing.policy, timeout_s=self.timeout_s,
                            took_s=time.perf_counter() - started, at=time.time())
+
+    async def _find_servers(self) -> None:
+        """Each discovered model's servers, looked up once (all models at once); then the
+        client's own routing state per model, so "would pick" is the client's answer."""
+        found = await asyncio.gather(*(self._look_up(spec) for spec in self.models
+                                       if spec.discover is not None))
+        for row, servers, spec in found:
+            self._discovered[spec.name] = row
+            self.models = [replace(s, servers=servers, discover=None) if s is spec else s
+                           for s in self.models]
+        self._pools = {spec.name: Route(spec, self.config.routing).pool for spec in self.models}
+
+    async def _look_up(self, spec: ModelSpec) -> tuple[DiscoveryRow, tuple[ServerSpec, ...], ModelSpec]:
+        assert spec.discover is not None
+        described = spec.discover.describe()
+        snapshots = None
+        wait_s = max(self.timeout_s, 5.0)
+        try:
+            source = source_for(spec.discover)  # (a missing library raises here)
+            described = source.describe()
+            snapshots = source.snapshots()
+            snapshot = await asyncio.wait_for(anext(snapshots), wait_s)
+        except asyncio.TimeoutError:
+            snapshot = Snapshot(ready=(), error=f"no answer in {wait_s:g} s")
+        except Exception as exc:  # a broken source: said, not raised
+            snapshot = Snapshot(ready=(), error=f"{type(exc).__name__}: {exc}")
+        finally:
+            close = getattr(snapshots, "aclose", None)
+            if close is not None:
+                await close()
+        error = snapshot.error or (None if snapshot.ready else "the answer named no ready server")
+        servers = tuple(ServerSpec(host=host, port=port) for host, port in snapshot.ready)
+        row = DiscoveryRow(source=described, found=len(servers),
+                           draining=len(snapshot.draining), found_at=time.time(),
+                           error=_masked(error, spec) if error else None)
+        return row, servers, spec
 
     async def close(self) -> None:
         await self._transport.close()

@@ -49,6 +49,16 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def shared_port(hosts: Sequence[str]) -> int:
+    """A port free on every one of `hosts` at once (loopback addresses: 127.0.0.2, ...), for
+    servers told apart by address only, as the pods behind a headless Service are."""
+    for _ in range(100):
+        port = free_port(hosts[0])
+        if all(port_is_free(host, port) for host in hosts[1:]):
+            return port
+    raise RuntimeError(f"no port is free on all of {', '.join(hosts)}")
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Linear-interpolated percentile (q in 0..100); NaN for no values."""
     if not values:

@@ -1,4 +1,5 @@
-"""The bench still runs: tiny overhead and cpu runs as a user would start them, tables and JSON out.
+"""The bench still runs: tiny overhead, cpu and gateway runs as a user would start them,
+tables and JSON out.
 
 No timing is asserted (speed claims live in bench/README.md, measured side by side); this only
 checks that the harness starts its sims, drives raw aiohttp and modelfleet through every op,
@@ -91,6 +92,30 @@ def test_cpu_scenario_measures_each_client_process(tmp_path):
         (out / "logs" / "cpu-clients.log").read_text()
 
 
+def test_gateway_scenario_measures_direct_and_one_and_two_workers(tmp_path):
+    out = tmp_path / "results"
+    proc = run_bench("--scenario", "gateway", "--no-plots", "--requests", "12", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paths = ("direct", "gateway x1", "gateway x2")
+    for op in ("chat", "stream"):
+        for c in ("1", "64"):
+            for path in paths:
+                assert f"| {op} | {c} | {path} |" in proc.stdout, (op, c, path, proc.stdout)
+    assert "**gateway targets**" in proc.stdout
+
+    doc = json.loads((out / "results.json").read_text())
+    results = doc["scenarios"]["gateway"]["results"]
+    for op in ("chat", "stream"):
+        for c in ("c1", "c64"):
+            for path in paths:
+                row = results[op][c][path]
+                assert row["n"] == 12 and row["errors"] == 0, (op, c, path, row)
+    # The sim and both gateways (a parent and its two workers for x2) are stopped.
+    gateways = re.findall(r"starting gateway x\d on (\S+)", proc.stderr)
+    assert len(gateways) == 2, proc.stderr
+    assert all(refuses(a) for a in [*doc["sim_servers"], *gateways]), proc.stderr
+
+
 def test_unknown_loop_is_a_usage_error(tmp_path):
     proc = run_bench("--scenario", "cpu", "--loop", "asyncio,trio", "--out", str(tmp_path),
                      timeout=60)
@@ -180,3 +205,20 @@ def test_tail_scenario_tiny_run(tmp_path):
     assert set(results["hedge_after: 0.1"]["hedges"]) >= {"sent", "won", "lost", "denied_by_budget"}
     doc = json.loads((out / "results.json").read_text())
     assert all(refuses(a) for a in doc["sim_servers"]), doc["sim_servers"]
+
+
+def test_scale_out_scenario_tiny_run(tmp_path):
+    """2 -> 3 -> 2 sims named by the bench's DNS server, under load: the newcomer is found
+    and answers, the leaver gets nothing once the client dropped it, no caller error."""
+    out = tmp_path / "results"
+    proc = run_bench("--scenario", "scale-out", "--no-plots", "--requests", "8", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    results = doc["scenarios"]["scale-out"]["results"]
+    assert results["caller_errors"] == 0 and results["requests"] > 0, results
+    (joined, row), = results["joined"].items()
+    assert joined.startswith("127.0.0.4:") and row["first_answer_s"] >= 0, results
+    (left, row), = results["left"].items()
+    assert left == joined and row["requests_after_client_dropped"] == 0, results
+    assert "| requests | caller errors |" in proc.stdout
+    assert doc["sim_servers"] and all(refuses(a) for a in doc["sim_servers"]), doc["sim_servers"]

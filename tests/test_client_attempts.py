@@ -388,6 +388,46 @@ async def test_a_probe_survives_an_answer_nobody_foresaw(
     assert said and all(r.exc_info is None and r.levelname == "WARNING" for r in said)
 
 
+# --------------------------------------------------------------------------- relayed streams
+
+
+def sse(event: dict) -> bytes:
+    return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+
+def opening_with_an_error(request: MockRequest, n: int) -> MockResponse:
+    """A fast engine's opening, in one read: a first event, then an error event."""
+    piece = {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]}
+    error = {"error": {"message": "the engine failed", "code": 500}}
+    return MockResponse(chunks=[sse(piece) + sse(error) + sse(piece)])
+
+
+async def test_a_relayed_stream_moves_on_for_an_error_anywhere_in_its_opening() -> None:
+    fleet = Fleet({A: opening_with_an_error, B: ok})
+    async with fleet.client() as client:
+        stream = await client.relay("/v1/chat/completions",
+                                    {"model": "m", "messages": USER, "stream": True})
+        assert (stream.server, stream.attempts) == (B, 2)
+        await stream.aclose()
+        await nothing_left_open(client, fleet)
+
+
+async def test_a_relayed_stream_says_when_its_last_chunk_came() -> None:
+    """`at_end` holds for the last chunk only (the gateway sends it with the answer's end),
+    and the chunks are the engine's bytes as they came."""
+    fleet = Fleet({A: ok})
+    async with fleet.client() as client:
+        stream = await client.relay("/v1/chat/completions",
+                                    {"model": "m", "messages": USER, "stream": True})
+        seen = [(chunk, stream.at_end) async for chunk in stream]
+        await nothing_left_open(client, fleet)
+    sent = MockResponse.answer(MockRequest(A, "POST", "/v1/chat/completions",
+                                           {"model": "m", "stream": True}, None), ANSWER).chunks
+    assert b"".join(chunk for chunk, _ in seen) == b"".join(sent)  # type: ignore[arg-type]
+    assert [at_end for _, at_end in seen] == [False] * (len(seen) - 1) + [True]
+    assert stream.failure is None and stream.usage["completion_tokens"] == len(ANSWER.split())
+
+
 # --------------------------------------------------------------------------- the pieces
 
 

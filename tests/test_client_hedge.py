@@ -246,3 +246,25 @@ async def test_the_gateways_relayed_streams_are_hedged_too() -> None:
         body = b"".join([chunk async for chunk in stream])  # type: ignore[union-attr]
         assert stream.server == B and b"Kenobi" in body and fleet.cancelled == [A]
         await nothing_left_open(client, fleet)
+
+
+async def test_a_server_that_stalls_every_request_is_marked_down_not_hidden() -> None:
+    # Hedging answers around a server that never shows a first token; without this rule
+    # it would never time out (its copies are cancelled), so it would keep every first try.
+    fleet = Fleet({A: after(LONG_S), B: ok}, hedge_after=0.05)
+    async with fleet.client() as client:
+        async def a_status() -> object:
+            return next(s for s in (await client.status())["m"].servers if s.address == A)
+
+        for _ in range(12):  # A is the first try of every other request, until it is down
+            assert (await client.chat("m", USER)).server == B
+            if (await a_status()).health == "down":
+                break
+        a = await a_status()
+        assert a.health == "down" and "in a row" in (a.reason or ""), a
+        assert fleet.cancelled.count(A) == 3  # the third silent loss in a row did it
+        calls = len(fleet.calls)
+        for _ in range(3):
+            assert (await client.chat("m", USER)).server == B
+        assert fleet.calls[calls:] == [B, B, B]  # no first try on A, no hedge needed
+        await nothing_left_open(client, fleet)

@@ -7,6 +7,7 @@ editor needed a second edit for it, this fails.
 
 from __future__ import annotations
 
+import copy
 import io
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,27 @@ KEYS = all_keys()
 SECRET_TEXT = "sk-sample-secret-0123456789"
 
 
+# Values the declaration alone cannot make valid: names with a syntax of their own, and
+# sections whose keys must come together (exactly one of dns / dns_srv / kubernetes).
+SAMPLES: dict[str, Any] = {
+    "models.*.discover": {"dns_srv": "_http._tcp.sample.fleet"},
+    "models.*.discover.dns_srv": "_http._tcp.sample.fleet",
+    "models.*.discover.nameserver": "127.0.0.1:5353",
+    "models.*.discover.kubernetes": {"namespace": "sample-ns", "service": "sample", "port_name": "http"},
+}
+# A model that uses discover: for each key under it (a key there needs its siblings).
+DISCOVER_BASES: dict[str, dict[str, Any]] = {
+    "models.*.discover.kubernetes.port_name": {"kubernetes": {"namespace": "ns", "service": "svc"}},
+    "models.*.discover.kubernetes": {"kubernetes": {"namespace": "ns", "service": "svc", "port": 8000}},
+    "models.*.discover.dns_srv": {"dns_srv": "_http._tcp.llama.fleet"},
+    "models.*.discover.": {"dns": "llama.fleet", "port": 8000},
+}
+
+
 def sample(pattern: str, key: Key) -> Any:
     """A valid value for a key that differs from its default, built from its declaration alone."""
+    if pattern in SAMPLES:
+        return SAMPLES[pattern]
     owner, name = record_patterns()[pattern.rsplit(".", 1)[0] if "." in pattern else ""], pattern.rsplit(".", 1)[-1]
     default = default_of(owner, name)
     kind = key.kind
@@ -65,7 +85,11 @@ def sample(pattern: str, key: Key) -> Any:
 
 
 def minimal_record(pattern: str, record: type) -> dict[str, Any]:
-    return {name: sample(f"{pattern}.{name}", key) for name, key in keys_of(record).items() if key.required}
+    """Its required keys, and one key of each group it must set one of (servers or discover)."""
+    groups: set[str] = set()
+    wanted = [name for name, key in keys_of(record).items()
+              if key.required or (key.one_of and key.one_of not in groups and not groups.add(key.one_of))]
+    return {name: sample(f"{pattern}.{name}", keys_of(record)[name]) for name in wanted}
 
 
 def tokens_of(pattern: str) -> list[str | int]:
@@ -118,7 +142,14 @@ def flow(value: Any) -> str:
     return buffer.getvalue().strip().removesuffix("...").strip()
 
 
-def base() -> dict[str, Any]:
+def base(pattern: str = "") -> dict[str, Any]:
+    """A valid fleet to set the key of `pattern` in: a model with servers, or with discover:
+    for the keys of discover (a model has one or the other)."""
+    if pattern == "models.*.discover":
+        return {"models": {"m": {"backend": "sim"}}}
+    for prefix, discover in DISCOVER_BASES.items():
+        if pattern.startswith(prefix):
+            return {"models": {"m": {"backend": "sim", "discover": copy.deepcopy(discover)}}}
     return {"models": {"m": {"backend": "sim", "servers": [{"host": "h", "port": 1}]}}}
 
 
@@ -131,7 +162,7 @@ def test_the_schema_declares_every_key_of_the_fleet_file() -> None:
 @pytest.mark.parametrize("pattern", list(KEYS))
 def test_each_declared_key_is_read_and_shown(pattern: str) -> None:
     tokens, value = tokens_of(pattern), sample(pattern, KEYS[pattern])
-    config = parse_config(dump(put(base(), tokens, value)), "fleet.yaml")
+    config = parse_config(dump(put(base(pattern), tokens, value)), "fleet.yaml")
     shown = fleet_to_dict(config, mask_secrets=False)
     assert contains(at(shown, tokens), value), f"{pattern}: read or shown wrong: {at(shown, tokens)!r}"
 
@@ -139,7 +170,7 @@ def test_each_declared_key_is_read_and_shown(pattern: str) -> None:
 @pytest.mark.parametrize("pattern", [p for p, k in KEYS.items() if k.secret or k.secret_entries])
 def test_each_secret_key_is_masked(pattern: str) -> None:
     key, tokens, value = KEYS[pattern], tokens_of(pattern), sample(pattern, KEYS[pattern])
-    text = dump(put(base(), tokens, value))
+    text = dump(put(base(pattern), tokens, value))
     config = parse_config(text, "fleet.yaml")
     masked = fleet_to_dict(config)
     assert SECRET_TEXT not in repr(config) and SECRET_TEXT not in str(masked)
@@ -152,7 +183,7 @@ def test_each_secret_key_is_masked(pattern: str) -> None:
 def test_each_declared_key_can_be_set_by_command(pattern: str, tmp_path: Path) -> None:
     tokens, value = tokens_of(pattern), sample(pattern, KEYS[pattern])
     path = tmp_path / "fleet.yaml"
-    path.write_text(dump(base()))  # sections missing from it are created by the set
+    path.write_text(dump(base(pattern)))  # sections missing from it are created by the set
     document = ConfigDocument.open(path)
     document.set(path_text(tokens), flow(value))
     document.save()
@@ -165,7 +196,7 @@ def test_each_optional_section_is_created_by_setting_a_key_inside_it(pattern: st
     key, tokens = KEYS[pattern], tokens_of(pattern)
     inner_name, inner_value = next(iter(sample(pattern, key).items()))
     path = tmp_path / "fleet.yaml"
-    path.write_text(dump(base()))
+    path.write_text(dump(base(pattern)))
     document = ConfigDocument.open(path)
     document.set(path_text([*tokens, inner_name]), flow(inner_value))
     document.save()

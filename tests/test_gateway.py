@@ -315,9 +315,20 @@ def test_a_client_that_leaves_cancels_the_upstream_request(
         if stream:
             read_until(sock, b"data:")
         wait_running(slow, 1, within_s=10)
+        assert gateway_in_flight(gateway) == 1
     finally:
         sock.close()
     wait_running(slow, 0, within_s=1.0)
+    started = time.monotonic()
+    while gateway_in_flight(gateway) != 0:  # the gateway's own count drops with it
+        assert time.monotonic() - started < 1.0, "the gateway still counts the request"
+        time.sleep(0.02)
+
+
+def gateway_in_flight(gw: GatewayProcess) -> float:
+    status, body, _ = request(gw, "GET", "/metrics", key=None)
+    assert status == 200
+    return metric_value(body["text"], "modelfleet_gateway_requests_in_flight")
 
 
 # -- the access log -----------------------------------------------------------------------------

@@ -64,9 +64,10 @@ class Context:
     prefix_contenders: list[str] = field(default_factory=list)  # the prefix scenario's line-up
     notes: list[str] = field(default_factory=list)  # skipped contenders and why
 
-    def fleet(self, plans: Sequence[ServerPlan]) -> SimFleet:
-        """The sims for one scenario, logging under the output folder, announced as they come."""
-        return SimFleet(plans, self.out_dir / "logs", say=self.progress.line)
+    def fleet(self, plans: Sequence[ServerPlan], *, hosts: Sequence[str] | None = None) -> SimFleet:
+        """The sims for one scenario, logging under the output folder, announced as they come
+        (with `hosts`: one loopback address each, all on one port)."""
+        return SimFleet(plans, self.out_dir / "logs", say=self.progress.line, hosts=hosts)
 
     def failed(self, what: str, exc: BaseException) -> None:
         """A contender crashed: say so in the report, keep the traceback in logs/errors.log."""

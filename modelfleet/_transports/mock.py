@@ -163,6 +163,9 @@ class _MockBody:
             raise item
         return item
 
+    def at_eof(self) -> bool:
+        return not self._chunks
+
     async def read(self) -> bytes:
         parts = []
         while piece := await self.readany():

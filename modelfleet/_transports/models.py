@@ -71,6 +71,7 @@ class ResponseBody(Protocol):
 
     content_type: str
     content: StreamReader  # content.readany(): whatever bytes arrived; b"" at the end
+    # (content.at_eof(): every byte arrived and was read: the next readany() is b"")
 
     async def read(self) -> bytes: ...
 

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from modelfleet._exceptions import TRANSPORT_ERRORS, EngineFailure, engine_failure
+from modelfleet._transports.ending import Ending
 from modelfleet._transports.models import RawAnswer, ResponseBody
 from modelfleet._transports.parse import (
     json_kind,
@@ -59,7 +60,7 @@ async def read_raw_answer(response: ResponseBody, sent_at: float, *, deadline_s:
                      total_s=total_s, output_tokens=output_tokens)
 
 
-class RawStream:
+class RawStream(Ending):
     """A stream's bytes as they arrive (`async for chunk in ...`), after `first()`.
 
     Closing it (or leaving it early) closes the engine connection, which is how engines
@@ -67,22 +68,20 @@ class RawStream:
     it properly (`data: [DONE]`, or one JSON body from a server that ignored `stream`).
     """
 
-    __slots__ = ("response", "server", "sent_at", "stall_s", "content_type", "events",
-                 "first_at", "ended_at", "finished", "_tail", "_on_end", "_eof")
+    __slots__ = ("server", "sent_at", "stall_s", "content_type", "events",
+                 "first_at", "finished", "_tail", "_eof")
 
     def __init__(self, response: ResponseBody, server: str, sent_at: float, stall_s: float,
                  *, on_end: Callable[[], None] | None = None) -> None:
-        self.response = response
+        super().__init__(response, on_end)
         self.server = server
         self.sent_at = sent_at
         self.stall_s = stall_s
         self.content_type = response.content_type or "text/event-stream"
         self.events = 0  # `data:` lines seen (about one per token)
         self.first_at: float | None = None
-        self.ended_at: float | None = None
         self.finished = False
         self._tail = b""
-        self._on_end = on_end
         self._eof = False
 
     async def first(self) -> bytes:
@@ -117,10 +116,17 @@ class RawStream:
         return buffered
 
     def _check_opening(self, events: bytes) -> None:
-        """The first events must be JSON; an error event there is the server's (or the
-        request's) failure, raised so the request is retried (or refused) as a whole."""
+        """The first event must be JSON; an error event among the first ones is the
+        server's (or the request's) failure, raised so the request is retried (or refused)
+        as a whole. Only the first event, and any line naming an `"error"` key, is parsed:
+        a fast engine's opening can hold the whole answer, which is passed on unparsed."""
+        first = events.find(b"\n\n")
+        head = events if first < 0 else events[:first + 1]
+        rest = b"" if first < 0 else events[first + 1:]
+        if b'"error"' in rest:  # (in JSON text a quote inside a string is escaped)
+            head = events
         try:
-            parsed = parse_sse(events)
+            parsed = parse_sse(head)
         except Exception as exc:  # not UTF-8, not JSON
             raise malformed(f"stream not JSON ({exc})") from None
         for event in parsed:
@@ -135,6 +141,12 @@ class RawStream:
         if type(data) is dict:
             raise_in_band_error(data)
         self.finished = True
+
+    @property
+    def at_end(self) -> bool:
+        """Every byte of the stream has arrived and been read: the next read ends it
+        without waiting (so a caller can send the last bytes together with its own end)."""
+        return self._eof or self.response.content.at_eof()
 
     def __aiter__(self) -> RawStream:
         return self
@@ -167,22 +179,7 @@ class RawStream:
     def _finish(self) -> None:
         if self.content_type != _JSON:
             self.finished = _DONE_LINE in self._tail
-        if self.ended_at is None:
-            self.ended_at = time.perf_counter()
-            self.response.release()
-            self._ended()
-
-    def close(self) -> None:
-        """Drop the engine connection (a no-op after the stream ended)."""
-        if self.ended_at is None:
-            self.ended_at = time.perf_counter()
-            self.response.close()
-            self._ended()
-
-    def _ended(self) -> None:
-        if self._on_end is not None:
-            on_end, self._on_end = self._on_end, None
-            on_end()
+        super()._finish()
 
     @property
     def usage(self) -> dict[str, int]:

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from modelfleet._exceptions import TRANSPORT_ERRORS, EngineFailure, engine_failure
+from modelfleet._transports.ending import Ending
 from modelfleet._transports.models import Embeddings, Generation, ResponseBody
 from modelfleet._transports.parse import (
     DONE,
@@ -37,7 +38,7 @@ from modelfleet.routing import Failure
 _JSON = "application/json"
 
 
-class TokenStream:
+class TokenStream(Ending):
     """Text deltas of one streamed (SSE) generation, as an async iterator.
 
     Reads whatever bytes have arrived (not line by line) and hands out the deltas
@@ -47,15 +48,14 @@ class TokenStream:
     one JSON body gives its text as one delta (and no time to first token).
     """
 
-    __slots__ = ("response", "server", "sent_at", "stall_s", "whole_s", "text_parts", "usage",
-                 "finish_reason", "model", "first_token_at", "ended_at", "_pending", "_tail",
-                 "_done", "_one_body", "_on_end", "_stall_at")
+    __slots__ = ("server", "sent_at", "stall_s", "whole_s", "text_parts", "usage",
+                 "finish_reason", "model", "first_token_at", "_pending", "_tail",
+                 "_done", "_one_body", "_stall_at")
 
     def __init__(self, response: ResponseBody, server: str, sent_at: float,
                  stall_s: float | None = None, *, whole_s: float | None = None,
                  on_end: Callable[[], None] | None = None) -> None:
-        self.response = response
-        self._on_end = on_end  # gives the connection slot back, once
+        super().__init__(response, on_end)
         self.server = server
         self.sent_at = sent_at
         self.stall_s = stall_s
@@ -65,7 +65,6 @@ class TokenStream:
         self.finish_reason: str | None = None
         self.model = ""
         self.first_token_at: float | None = None
-        self.ended_at: float | None = None
         self._pending: deque[str] = deque()  # read, not yet handed out
         self._tail = b""  # an incomplete last line
         self._done = False
@@ -195,24 +194,6 @@ class TokenStream:
         if finish:
             self.finish_reason = finish
         return text
-
-    def _finish(self) -> None:
-        if self.ended_at is None:
-            self.ended_at = time.perf_counter()
-            self.response.release()
-            self._ended()
-
-    def close(self) -> None:
-        """Drop the connection (a no-op after the stream ended cleanly)."""
-        if self.ended_at is None:
-            self.ended_at = time.perf_counter()
-            self.response.close()
-            self._ended()
-
-    def _ended(self) -> None:
-        if self._on_end is not None:
-            on_end, self._on_end = self._on_end, None
-            on_end()
 
     async def aclose(self) -> None:
         self.close()

@@ -82,7 +82,11 @@ def _validate(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     servers = sum(len(m.servers) for m in config.models.values())
-    print(f"ok: {_plural(len(config.models), 'model')}, {_plural(servers, 'server')} in {config.path}")
+    found = sum(m.discover is not None for m in config.models.values())
+    discovered = f" (and {_plural(found, 'model')} whose servers are found through discover:)" \
+        if found else ""
+    print(f"ok: {_plural(len(config.models), 'model')}, {_plural(servers, 'server')}{discovered} "
+          f"in {config.path}")
     return 0
 
 

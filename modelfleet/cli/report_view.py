@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import TYPE_CHECKING, TextIO
 
 from modelfleet.cli.terminal import paint, visible_len
@@ -80,8 +81,27 @@ def format_table(report: FleetReport, *, colour: bool = False) -> str:
         previous_model = row.model
         out.append(render(cells))
     out.append("")
+    found = discovery_lines(report, colour=colour)
+    if found:
+        out += [*found, ""]
     out.append(summary_line(report, colour=colour))
     return "\n".join(out)
+
+
+def discovery_lines(report: FleetReport, *, colour: bool = False) -> list[str]:
+    """Where the servers of each model with `discover:` came from, and any trouble."""
+    lines = []
+    for model in report.models:
+        found = model.discovery
+        if found is None:
+            continue
+        at = time.strftime("%H:%M:%S", time.localtime(found.found_at))
+        draining = f", {found.draining} draining" if found.draining else ""
+        line = f"{model.name}: {found.found} servers from {found.source} (looked up at {at}{draining})"
+        if found.error:
+            line += ": " + paint(found.error, "down", colour)
+        lines.append(line)
+    return lines
 
 
 def summary_line(report: FleetReport, *, colour: bool = False) -> str:

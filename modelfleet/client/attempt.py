@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from modelfleet._exceptions import EngineFailure
 from modelfleet.client.hedge import HedgeFailed
 from modelfleet.client.route import Route
-from modelfleet.config import ServerSpec
+from modelfleet.client.send_once import Send, send_once
 from modelfleet.routing import Endpoint, Work
 
 if TYPE_CHECKING:
@@ -37,7 +37,6 @@ log = logging.getLogger("modelfleet.client")
 BACKOFF_BASE_S = 0.05  # retry pause once every server was tried, doubling per attempt
 BACKOFF_MAX_S = 1.0
 
-Send = Callable[[ServerSpec, float], Awaitable[Any]]
 
 
 def backoff_s(attempts: int, rng: random.Random) -> float:
@@ -128,19 +127,12 @@ async def _attempts(route: Route, work: Work, affinity: str | None, send: Send,
                     state = state.increment(tried.address, failed.failure, failed.reason)
                 endpoint, failed = every.failures[-1]
         else:
-            lease = endpoint.lease(pool.prefill_tokens(endpoint, work))
-            with lease:
-                try:
-                    value = await send(route.servers[endpoint.address], deadline_s)
-                except EngineFailure as exc:
-                    endpoint.observe_failure(exc.failure, exc.reason, retry_after_s=exc.retry_after_s)
-                    failed = exc
-                else:
-                    seen = pool.served(endpoint, work, ahead=lease.ahead)
-                    if answer:  # (a stream's opening: its caller observes it at the stream's end)
-                        endpoint.observe_success(ttft_s=value.ttft_s, total_s=value.total_s,
-                                                 work=seen, output_tokens=value.output_tokens)
-                    return endpoint, value, seen
+            try:
+                value, seen = await send_once(route, endpoint, work, send, deadline_s, answer)
+            except EngineFailure as exc:
+                failed = exc
+            else:
+                return endpoint, value, seen
         log.debug("%s failed on %s (%s): %s", route.spec.name, endpoint.address,
                   failed.failure.value, failed.reason)
         state = state.increment(endpoint.address, failed.failure, failed.reason)

@@ -23,15 +23,16 @@ retry budget, and the continuation's own opening is retried like any request's. 
 it cannot go on (continuation off, no server left, the budget or the moves spent, a
 server refusing the continuation), the caller gets `StreamInterrupted` with all the
 text so far. A break after every token asked for came (only the end was lost) ends the
-stream as finished ("length").
+stream as finished ("length"). `reopen()` holds these rules for the gateway's relayed
+streams too (`relay_continuation.py`), which keep their bytes and count their own text.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from modelfleet._exceptions import EngineFailure
 from modelfleet._transports.base import AsyncBaseTransport
@@ -42,6 +43,8 @@ from modelfleet.client.types import StreamProgress
 from modelfleet.config import ServerSpec
 from modelfleet.errors import NoServerAvailable, RequestRejected, StreamInterrupted
 from modelfleet.routing import Endpoint, Work
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -113,38 +116,14 @@ async def _continue(route: Route, transport: AsyncBaseTransport, rng: random.Ran
                     failure: EngineFailure, go_on: bool) -> Opened | None:
     """The rest of the answer opened on another server (None: nothing was left to ask);
     `StreamInterrupted` when no server can give it."""
-    text = progress.text()
     stream = progress.tokens
     produced = progress.earlier_tokens + (stream.output_tokens if stream is not None else 0)
-    metrics = route.metrics
-
-    def interrupted(outcome: str, why: str) -> StreamInterrupted:
-        if metrics is not None:
-            metrics.continuation(outcome)
-        return StreamInterrupted(text, broken, why)
-
-    if not go_on:
-        raise interrupted("off", failure.reason)
-    left = tokens_left(body, produced)
-    if left == 0:
-        progress.finish_reason = "length"
-        return None
-    payload = continuation_body(body, text, produced)
-    if payload is None:
-        raise interrupted("unavailable", f"{failure.reason} (a prompt of token ids cannot be "
-                                         f"continued elsewhere)")
-    if progress.continuations >= route.routing.max_retry:
-        raise interrupted("unavailable", f"{failure.reason} (it moved {progress.continuations} "
-                                         f"times already: max_retry)")
-    if not route.budget.try_withdraw():
-        raise interrupted("unavailable", f"{failure.reason} (the retry budget is spent)")
-    messages = payload.get("messages")
-    work = (Work.for_chat(messages, left) if isinstance(messages, list)
-            else Work.for_prompt(payload["prompt"], left))
+    so_far = Broken(progress.text(), produced, progress.continuations, broken, failure)
     api_key = route.spec.api_key
     timeout_s = route.routing.request_timeout_s
 
-    async def first_token(server: ServerSpec, stall_s: float) -> tuple[TokenStream, str]:
+    async def first_token(payload: Mapping[str, Any], server: ServerSpec,
+                          stall_s: float) -> tuple[TokenStream, str]:
         opened = await transport.open_stream(server, path, payload, api_key=api_key,
                                              stall_s=stall_s, timeout_s=timeout_s)
         try:
@@ -155,22 +134,82 @@ async def _continue(route: Route, transport: AsyncBaseTransport, rng: random.Ran
             opened.close()
             raise
 
+    reopened = await reopen(route, rng, path, body, so_far, go_on, first_token)
+    if reopened is None:
+        progress.finish_reason = "length"
+        return None
+    endpoint, (new, first), seen = reopened
+    # No await from here to the first yield: the caller reads the new stream from now on.
+    progress.earlier_text, progress.earlier_tokens = so_far.text, produced
+    progress.continuations += 1
+    progress.server, progress.tokens = endpoint.address, new
+    return Opened(endpoint, new, first, seen)
+
+
+@dataclass(frozen=True)
+class Broken:
+    """What a stream gave before it broke: its text and tokens (over every server so
+    far), how many times it moved already, the server that broke and why."""
+
+    text: str
+    produced: int
+    moves: int
+    server: str
+    failure: EngineFailure
+
+
+async def reopen(route: Route, rng: random.Random, path: str, body: Mapping[str, Any],
+                 broken: Broken, go_on: bool,
+                 open_rest: Callable[[Mapping[str, Any], ServerSpec, float], Awaitable[T]],
+                 ) -> tuple[Endpoint, T, Work] | None:
+    """The rest of a broken stream opened on another server: the rules every stream
+    follows, the library's token streams and the gateway's relayed bytes alike.
+
+    `open_rest(payload, server, stall_s)` opens the continuation (`payload`) on one
+    server up to its first token, as `send_with_retries` attempts it. Returns that
+    server's endpoint, what `open_rest` returned and the work; None when every token
+    asked for came already (nothing is left to ask). Raises `StreamInterrupted` (with
+    the text so far) when it cannot go on. Each outcome is counted in the metrics."""
+    failure, metrics = broken.failure, route.metrics
+
+    def interrupted(outcome: str, why: str) -> StreamInterrupted:
+        if metrics is not None:
+            metrics.continuation(outcome)
+        return StreamInterrupted(broken.text, broken.server, why)
+
+    if not go_on:
+        raise interrupted("off", failure.reason)
+    left = tokens_left(body, broken.produced)
+    if left == 0:
+        return None
+    payload = continuation_body(body, broken.text, broken.produced)
+    if payload is None:
+        raise interrupted("unavailable", f"{failure.reason} (a prompt of token ids cannot be "
+                                         f"continued elsewhere)")
+    if broken.moves >= route.routing.max_retry:
+        raise interrupted("unavailable", f"{failure.reason} (it moved {broken.moves} "
+                                         f"times already: max_retry)")
+    if not route.budget.try_withdraw():
+        raise interrupted("unavailable", f"{failure.reason} (the retry budget is spent)")
+    messages = payload.get("messages")
+    work = (Work.for_chat(messages, left) if isinstance(messages, list)
+            else Work.for_prompt(payload["prompt"], left))
+
+    def send(server: ServerSpec, stall_s: float) -> Awaitable[T]:
+        return open_rest(payload, server, stall_s)
+
     try:
-        endpoint, (new, first), seen = await send_with_retries(
-            route, work, None, first_token, rng, answer=False, exclude=(broken,), counted=False)
+        reopened = await send_with_retries(route, work, None, send, rng, answer=False,
+                                           exclude=(broken.server,), counted=False)
     except NoServerAvailable as exc:
         raise interrupted("unavailable", f"{failure.reason}; no server could continue it: "
                                          f"{exc}") from None
     except RequestRejected as exc:
         raise interrupted("rejected", f"{failure.reason}; the continuation was refused: "
                                       f"{exc}") from None
-    # No await from here to the first yield: the caller reads the new stream from now on.
-    progress.earlier_text, progress.earlier_tokens = text, produced
-    progress.continuations += 1
-    progress.server, progress.tokens = endpoint.address, new
     if metrics is not None:
         metrics.continuation("continued")
-    return Opened(endpoint, new, first, seen)
+    return reopened
 
 
 def tokens_left(body: Mapping[str, Any], produced: int) -> int | None:
@@ -204,6 +243,8 @@ def continuation_body(body: Mapping[str, Any], text: str,
                        add_generation_prompt=False)
         return payload
     prompt = payload.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # (one prompt in a list, as some clients send it)
     if isinstance(prompt, str):
         payload["prompt"] = prompt + text
         return payload

@@ -209,7 +209,8 @@ class AsyncModelServer:
         an alias; the server's own name is written in), with the same routing, retries and
         failover as `chat()` and `embed()`. The answer comes back as the engine sent it:
         a `RelayAnswer` (bytes), or with `"stream": true` a `RelayStream` of its bytes,
-        retried elsewhere only before its first event.
+        retried elsewhere before its first event and continued elsewhere after it
+        (`routing.continue_streams`; `client/relay_continuation.py`).
 
         Raises `UnknownModel`, `UsageError` (a model of the other kind, a path it does
         not serve), `NoServerAvailable`, `RequestRejected` (the engine's 4xx)."""
@@ -247,7 +248,8 @@ class AsyncModelServer:
             work = Work.for_embedding(body.get("input") or "")
         if kind == "chat" and body.get("stream") is True:
             return await relay_stream(route, self._transport, self._rng, path, payload, work,
-                                      affinity, after=lambda: self._maybe_benchmark(route))
+                                      affinity, after=lambda: self._maybe_benchmark(route),
+                                      go_on=route.routing.continue_streams)
         try:
             return await relay_whole(route, self._transport, self._rng, path, payload, work,
                                      affinity, bounded=kind == "embedding" or max_tokens is not None)
@@ -259,7 +261,9 @@ class AsyncModelServer:
         them: for a long-running process (the gateway) whose first requests should be
         routed on measurements and whose health should be known before any request."""
         self._check_open()
-        await asyncio.gather(*(self._ready(name, None) for name in self._config.models))
+        # (a model whose servers are not found yet: models_without_server() says so)
+        await asyncio.gather(*(self._ready(name, None) for name in self._config.models),
+                             return_exceptions=True)
 
     def models_without_server(self) -> dict[str, dict[str, str]]:
         """The models none of whose servers is usable now, with why for each server
@@ -269,7 +273,8 @@ class AsyncModelServer:
             route = self._route(name)
             if not any(e.health is not Health.DOWN and e.usable()
                        for e in route.pool.endpoints.values()):
-                missing[name] = route.pool.reasons() or {"": "no servers"}
+                missing[name] = route.pool.reasons() or (
+                    route.discovery.reasons() if route.discovery is not None else {"": "no servers"})
         return missing
 
     async def status(self, *, probe: bool = False) -> dict[str, ModelStatus]:
@@ -312,11 +317,15 @@ class AsyncModelServer:
                 self._routes[name].update(config.models[name], config.routing, self._seed)
             else:
                 gone = self._routes.pop(name)  # requests already on it finish with what they hold
+                if gone.discovery is not None:
+                    gone.discovery.stop()
                 if self._metrics is not None:
                     self._metrics.forget(gone)
         for route in self._routes.values():
             if route.ready:
                 self._spawn(self._probe_route(route))  # measure newcomers at once
+            if route.in_use and route.discovery is not None:
+                route.discovery.ensure_running(self)  # (a new discover: has a new source)
 
     async def close(self) -> None:
         """Stop probing and close every connection; the object cannot be used after."""
@@ -440,7 +449,10 @@ class AsyncModelServer:
                 route.in_use = True
                 route.first_probe = self._spawn(self._probe_route(route))
                 self._start_probe_loop()
-            await asyncio.wait({route.first_probe}, timeout=FIRST_USE_WAIT_S)
+            if route.discovery is not None:  # its servers join once found and probed
+                await route.discovery.wait_first(self)
+            else:
+                await asyncio.wait({route.first_probe}, timeout=FIRST_USE_WAIT_S)
             route.ready = True
         return route
 
@@ -508,6 +520,9 @@ class AsyncModelServer:
     def _start_probe_loop(self) -> None:
         if self._probe_loop is None and not self._closed:
             self._probe_loop = self._spawn(self._probe_forever())
+            for route in self._routes.values():  # (again, after a change of event loop)
+                if route.in_use and route.discovery is not None:
+                    route.discovery.ensure_running(self)
 
     def _maybe_benchmark(self, route: Route) -> None:
         """The policy asked for every server to be measured afresh (Fastest switching)."""

@@ -28,10 +28,11 @@ import asyncio
 import contextvars
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from modelfleet._exceptions import EngineFailure
+from modelfleet.client.send_once import Send, send_once
 from modelfleet.config import RoutingSpec, ServerSpec
 from modelfleet.routing import (
     HEDGE_OUTCOMES,
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modelfleet.client")
 
-Send = Callable[[ServerSpec, float], Awaitable[Any]]
 
 _ATTEMPT: contextvars.ContextVar[_Attempt | None] = contextvars.ContextVar(
     "modelfleet_hedge_attempt", default=None)
@@ -175,6 +175,9 @@ class Hedging:
                     for other in pending:
                         if other is not copy:
                             other.cancel()
+                            if other is copies[0]:  # waited past its delay and then some
+                                other.endpoint.observe_silent_loss(
+                                    time.perf_counter() - other.started)
                     self.count(route, "won" if copy is not copies[0] else "lost")
                     if tally is not None:
                         tally.server, tally.attempt_started = copy.endpoint.address, copy.started
@@ -216,20 +219,9 @@ class _Attempt:
     async def _run(self, route: Route, work: Work, send: Send, deadline_s: float,
                    answer: bool) -> tuple[Any, Work]:
         _ATTEMPT.set(self)  # this task's own context: first_token_seen() finds it
-        endpoint, pool = self.endpoint, route.pool
-        lease = endpoint.lease(pool.prefill_tokens(endpoint, work))
-        with lease:
-            try:
-                value = await send(route.servers[endpoint.address], deadline_s)
-            except EngineFailure as exc:
-                endpoint.observe_failure(exc.failure, exc.reason, retry_after_s=exc.retry_after_s)
-                raise
-            self.opened_now(True)  # a stream's opening returns at its first token
-            seen = pool.served(endpoint, work, ahead=lease.ahead)
-            if answer:
-                endpoint.observe_success(ttft_s=value.ttft_s, total_s=value.total_s,
-                                         work=seen, output_tokens=value.output_tokens)
-            return value, seen
+        # (a stream's opening returns at its first token)
+        return await send_once(route, self.endpoint, work, send, deadline_s, answer,
+                               opened=lambda: self.opened_now(True))
 
     async def outcome(self) -> tuple[Endpoint, Any, Work]:
         value, seen = await self.task

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from modelfleet.client.discovered import Discovery
 from modelfleet.client.hedge import Hedging
 from modelfleet.client.retry import RetryState
 from modelfleet.config import ModelSpec, RoutingSpec, ServerSpec
@@ -16,7 +17,8 @@ if TYPE_CHECKING:
 
 class Route:
     """A model's servers (by address), their routing `Pool`, its `RetryBudget` and its
-    `Hedging` (None while routing.hedge_after is off).
+    `Hedging` (None while routing.hedge_after is off). A model with `discover:` has a
+    `Discovery` that keeps `servers` and the pool up to date (client/discovered.py).
 
     The report builds the same object to ask the routing code which server it would pick.
     """
@@ -40,6 +42,7 @@ class Route:
         self.benchmarking = False
         self.first_try = RetryState.first(routing.max_retry)  # every request starts from it
         self.metrics: ModelMetrics | None = None  # its modelfleet_* series, when asked for
+        self.discovery = Discovery(self) if spec.discover is not None else None
 
     def update(self, spec: ModelSpec, routing: RoutingSpec, seed: int | None) -> None:
         """A reloaded config: new servers join, removed ones drain (requests on them finish)."""
@@ -57,12 +60,19 @@ class Route:
         elif self.pool.prefix is None:
             self.pool.prefix = PrefixIndex()
         servers = {s.address: s for s in spec.servers}
+        if spec.discover is not None:  # its Discovery owns the servers; they stay till it changes them
+            servers = self.servers
         for address in self.servers.keys() - servers.keys():
             self.pool.remove(address)
         for address in servers.keys() - self.servers.keys():
             self.pool.add(address)
         self.hedging = Hedging.of(routing, self.hedging)
+        discover_changed = spec.discover != self.spec.discover
         self.spec, self.routing, self.servers = spec, routing, servers
+        if discover_changed:  # a source of its own from now on (none: the listed servers)
+            if self.discovery is not None:
+                self.discovery.stop()
+            self.discovery = Discovery(self) if spec.discover is not None else None
         self.first_try = RetryState.first(routing.max_retry)
 
 

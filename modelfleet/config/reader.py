@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import MISSING, replace
+from dataclasses import MISSING, fields, replace
 from typing import Any
 
 from modelfleet.config.schema import (
@@ -119,6 +119,7 @@ class Reader(ValueReader):
             if key.missing and name not in entries:
                 self.problem(line, join(path, name), key.missing)
         self.relations(record, keys, entries, values, path)
+        self.groups(record, keys, entries, path, line)
         if record is ServerSpec:
             self.unique_address(path, entries, values)
         if len(self.problems) > before:
@@ -152,6 +153,31 @@ class Reader(ValueReader):
                     at = name if name in good else key.at_most
                     self.problem(entries[at][1], join(path, at), f"{name} ({num(mine)}) must not "
                                  f"exceed {key.at_most} ({num(limit)})")
+
+    def groups(self, record: type, keys: dict[str, Key], entries: dict[str, tuple[Any, int | None]], path: str,
+               line: int | None) -> None:
+        """The checks keys declare together: one_of (exactly one of a group), requires, only_with."""
+        given = {name for name, (value, _) in entries.items() if value is not None}
+        groups: dict[str, list[str]] = {}
+        for name in (f.name for f in fields(record) if f.name in keys):  # as declared
+            key = keys[name]
+            if key.one_of:
+                groups.setdefault(key.one_of, []).append(name)
+            if name not in given:
+                continue
+            if key.requires and key.requires[0] not in given:
+                self.problem(entries[name][1], join(path, name), key.requires[1])
+            if key.only_with and not given & set(key.only_with):
+                self.problem(entries[name][1], join(path, name),
+                             f"goes with {' or '.join(key.only_with)} only; remove it")
+        for first, *others in groups.values():
+            present = [name for name in (first, *others) if name in given]
+            if not present:
+                alternatives = ", or ".join(f"{n!r}: {keys[n].help}" for n in others)
+                self.problem(line, path, f"missing required key {first!r} (or {alternatives})")
+            elif len(present) > 1:
+                self.problem(entries[present[1]][1], join(path, present[1]),
+                             f"give only one of {', '.join(present)}")
 
     def value(self, name: str, key: Key, node: Any, path: str, line: int | None, *, values: dict[str, Any],
               owner: dict[str, Any], extra: dict[str, Any]) -> Any:

@@ -17,6 +17,7 @@ are the reader's, since no single field owns them.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
@@ -66,6 +67,9 @@ class Key:
     blank: str = "error"  # text: an empty value is an "error", is kept ("keep"), or means None ("none")
     check: Callable[[str], str | None] | None = None  # text: returns what is wrong, or None
     conflicts: tuple[str, str] | None = None  # (sibling key, message): not both
+    one_of: str = ""  # a group name: its record sets exactly one key of the group
+    requires: tuple[str, str] | None = None  # (sibling key, message): set, it needs the sibling
+    only_with: tuple[str, ...] = ()  # set, it needs one of these siblings set (else it means nothing)
     forbidden_when: tuple[str, str, str] | None = None  # (owner's key, its value, message)
     what: str = ""  # indexes: what one index names, for messages ("GPU")
     of: type | None = None  # section / records / named: the nested record's dataclass
@@ -97,6 +101,54 @@ def _bare_host(host: str) -> str | None:
     if "://" in host or "/" in host or " " in host.strip():
         return "write the host name or address only (e.g. 10.0.0.3)"
     return None
+
+
+_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_DNS_1123_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _dns_name(name: str) -> str | None:
+    """A name DNS can look up: dot-separated labels of letters, digits, - (and _)."""
+    if _is_address(name):
+        return "is an address, not a name; list fixed addresses under servers: instead"
+    labels = name.removesuffix(".").split(".")
+    if len(name) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
+        return ("must be a DNS name: labels of letters, digits and - (at most 63 characters) "
+                "joined by dots, e.g. llama.fleet.svc.cluster.local")
+    return None
+
+
+def _srv_name(name: str) -> str | None:
+    wrong = _dns_name(name)
+    if wrong is None and not re.match(r"_[^.]+\._[^.]+\.[^.]", name):
+        wrong = "must be an SRV name: _service._proto.NAME, e.g. _http._tcp.llama.fleet.svc"
+    return wrong
+
+
+def _nameserver(text: str) -> str | None:
+    """IP, IP:PORT, or [IPv6]:PORT."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?", text) or \
+        re.fullmatch(r"([0-9.]+)(?::(\d+))?", text) or re.fullmatch(r"([0-9A-Fa-f:]+)()", text)
+    if m is None or not _is_address(m.group(1)) or (m.group(2) and not 1 <= int(m.group(2)) <= 65535):
+        return "must be an IP address with an optional port: 10.0.0.2, 10.0.0.2:5353 or [fd00::2]:53"
+    return None
+
+
+def _label_check(pattern: re.Pattern[str], what: str) -> Callable[[str], str | None]:
+    def check(text: str) -> str | None:
+        if not pattern.fullmatch(text):
+            return f"must be {what} (at most 63 characters)"
+        return None
+    return check
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,13 +199,75 @@ class ServerSpec:
 
 
 @dataclass(frozen=True)
+class KubernetesDiscoverSpec:
+    """A Service's endpoints, read from its EndpointSlices (modelfleet/discovery/kubernetes.py)."""
+
+    namespace: str = setting(kind="text", check=_label_check(_DNS_1123_LABEL, "a namespace name: "
+                                                             "lowercase letters, digits and -"),
+                             help="the Service's namespace")
+    service: str = setting(kind="text", check=_label_check(_DNS_1035_LABEL, "a Service name: "
+                                                           "lowercase letters, digits and -, "
+                                                           "starting with a letter"),
+                           help="the Service whose endpoints are the servers")
+    port: int | None = setting(None, kind="integer", minimum=1, maximum=65535, one_of="port",
+                               show="if_set", help="the servers' port number")
+    port_name: str | None = setting(None, kind="text", one_of="port", show="if_set",
+                                    check=_label_check(_DNS_1123_LABEL, "a port name: lowercase "
+                                                       "letters, digits and -"),
+                                    help="the name of the Service's port (e.g. http)")
+    kubeconfig: str | None = setting(None, kind="text", show="if_set",
+                                     help="a kubeconfig file; default: the in-cluster service "
+                                          "account, else ~/.kube/config")
+    relist_s: float = setting(300.0, kind="number", above=0,
+                              help="seconds between full relists (a watch may go stale)")
+
+
+@dataclass(frozen=True)
+class DiscoverSpec:
+    """Where a model's servers are found when they are not listed (modelfleet/discovery/)."""
+
+    dns: str | None = setting(None, kind="text", check=_dns_name, one_of="source", show="if_set",
+                              requires=("port", "give the servers' port with dns, e.g. port: 8000"),
+                              help="a name whose A/AAAA records are the servers")
+    dns_srv: str | None = setting(None, kind="text", check=_srv_name, one_of="source",
+                                  show="if_set", help="an SRV name (_http._tcp.NAME) whose "
+                                                      "records give the servers and ports")
+    port: int | None = setting(None, kind="integer", minimum=1, maximum=65535, show="if_set",
+                               only_with=("dns",), help="the servers' port (with dns)")
+    every_s: float = setting(5.0, kind="number", above=0, only_with=("dns", "dns_srv"),
+                             show=lambda spec: spec.kubernetes is None,
+                             help="seconds between lookups (sooner when the records' TTL says)")
+    nameserver: str | None = setting(None, kind="text", check=_nameserver, show="if_set",
+                                     only_with=("dns", "dns_srv"),
+                                     help="IP or IP:PORT of the DNS server; default: the system's")
+    kubernetes: KubernetesDiscoverSpec | None = setting(
+        None, kind="section", of=KubernetesDiscoverSpec, one_of="source", show="if_set",
+        help="a Kubernetes Service whose ready endpoints are the servers")
+
+    def describe(self) -> str:
+        """Where the servers come from, in a few words (the report, errors)."""
+        if self.kubernetes is not None:
+            k8s = self.kubernetes
+            return f"kubernetes {k8s.namespace}/{k8s.service}:{k8s.port or k8s.port_name}"
+        if self.dns_srv is not None:
+            return f"dns srv {self.dns_srv}"
+        return f"dns {self.dns}:{self.port}"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
-    """A model and every server that serves it."""
+    """A model and every server that serves it (listed, or found by `discover`)."""
 
     name: str
     servers: tuple[ServerSpec, ...] = setting(
-        kind="records", of=ServerSpec, help="the servers of this model",
-        empty="lists no servers; a model needs at least one, e.g. - {host: 127.0.0.1, port: 8000}")
+        (), kind="records", of=ServerSpec, one_of="servers", show="if_set",
+        help="the servers of this model",
+        empty="lists no servers; a model needs at least one, e.g. - {host: 127.0.0.1, port: 8000}"
+              " (or discover: to find them through DNS or Kubernetes)")
+    discover: DiscoverSpec | None = setting(None, kind="section", of=DiscoverSpec, one_of="servers",
+                                            show="if_set",
+                                            help="find the servers through DNS or Kubernetes "
+                                                 "instead of listing them")
     kind: str = setting("chat", kind="text", choices=KINDS, help="what it answers: chat or embedding")
     aliases: tuple[str, ...] = setting((), kind="names", help="other names callers may use")
     model_path: str | None = setting(None, kind="text", default_from="name",

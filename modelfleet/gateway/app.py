@@ -5,7 +5,9 @@ just enough to route it (JSON, a `model`, the field the route needs), then hande
 `AsyncModelServer.relay()`, which routes it (peak-EWMA, prefix awareness, retries and
 failover before the first byte) and gives back the engine's answer as bytes. Those bytes
 go to the client as they are: a whole body, or a stream chunk by chunk as it arrives.
-Every other body parameter reaches the engine untouched.
+Every other body parameter reaches the engine untouched. A stream whose server breaks
+after its first event is continued on another server, its client seeing one stream
+(`client/relay_continuation.py`); when none can, it ends with an error event.
 
 A client that leaves cancels its handler (the runner is made with handler cancellation),
 which closes the engine connection at once: the engine aborts the request.
@@ -68,6 +70,7 @@ class Gateway:
         self.registry = registry
         self.series = GatewaySeries(registry)
         self.gate = Gate(spec.max_concurrent)
+        self.series.in_flight.set_function(self.gate.count)  # read at a scrape, not per request
         self.retry_after_s = config.routing.probe_interval_s
         self.access_log = spec.access_log
         self._models_body = _models_list(config)
@@ -126,12 +129,10 @@ class Gateway:
         if not self.gate.enter():
             self.series.rejected.labels(reason="too_many").inc()
             return too_many(self.gate.limit)
-        self.series.in_flight.inc()
         try:
             return await self._relay_body(request, request["access"])
         finally:
             self.gate.leave()
-            self.series.in_flight.dec()
 
     async def _relay_body(self, request: web.Request, access: Access) -> web.StreamResponse:
         try:
@@ -161,20 +162,29 @@ class Gateway:
 
     async def _stream(self, request: web.Request, stream: RelayStream,
                       access: Access) -> web.StreamResponse:
-        response = web.StreamResponse(headers={"Content-Type": stream.content_type,
-                                               "Cache-Control": "no-cache"})
+        response = _SSEResponse(headers={"Content-Type": stream.content_type,
+                                         "Cache-Control": "no-cache"})
+        last = b""  # the engine's last bytes, sent with the end of the answer
         try:
             await response.prepare(request)
             async for chunk in stream:
-                await response.write(chunk)
+                if last:  # (a stream continued on another server after all)
+                    await response.write(last)
+                    last = b""
+                if stream.at_end:  # nothing more is coming: no need to send it alone
+                    last = chunk
+                else:
+                    await response.write(chunk)
+            access.server, access.attempts = stream.server, stream.attempts
+            access.continued = stream.continuations
             if stream.failure is not None:
                 access.error = "stream_broken"
-                await response.write(stream_error_event(
-                    f"the server answering broke off the stream: {stream.failure}"))
+                last += stream_error_event(
+                    f"the server answering broke off the stream: {stream.failure}")
             access.usage(stream.usage)
             if access.tokens_out is None:
                 access.tokens_out = stream.output_tokens
-            await response.write_eof()
+            await response.write_eof(last)
         except ConnectionResetError:  # the client left between two chunks
             access.status = CLIENT_GONE
         finally:
@@ -201,6 +211,13 @@ class Gateway:
 
     async def _live(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
+
+
+class _SSEResponse(web.StreamResponse):
+    """A relayed stream: its headers go out with its first chunk, in one packet (aiohttp
+    sends a StreamResponse's headers at once otherwise; older versions ignore this)."""
+
+    _send_headers_immediately = False
 
 
 def _checked_body(path: str, raw: bytes, config: FleetConfig) -> dict[str, Any] | str:

@@ -44,3 +44,7 @@ class Gate:
 
     def leave(self) -> None:
         self.in_flight -= 1
+
+    def count(self) -> float:
+        """Requests in flight now (the gateway's in-flight gauge reads it at each scrape)."""
+        return self.in_flight

@@ -47,6 +47,7 @@ Clock = Callable[[], float]
 
 IN_FLIGHT_WEIGHT = 0.05  # each request in flight from here adds 5 %: batching engines slow gently
 ERRORS_TO_DOWN = 3  # consecutive 5xx that mark a server down
+SILENT_LOSSES_TO_DOWN = 3  # hedges in a row it lost with no first token: it has stopped answering
 COOLDOWN_START_S = 1.0
 COOLDOWN_MAX_S = 30.0
 BACKPRESSURE_PAUSE_S = 1.0
@@ -148,6 +149,7 @@ class Endpoint:
         self._paused_until = 0.0
         self._pause_reason: str | None = None
         self._consecutive_errors = 0
+        self._silent_losses = 0
         self._error_score = 0.0  # recent 5xx, fading with decay_s
         self._error_stamp = 0.0
 
@@ -222,7 +224,7 @@ class Endpoint:
         """Learn from a successful answer; ttft_s is None when the first token was not seen,
         output_tokens is what the server reported (usage), else work.output_tokens."""
         self.requests += 1
-        self._consecutive_errors = 0
+        self._consecutive_errors = self._silent_losses = 0
         if output_tokens is not None and output_tokens != work.output_tokens:
             work = Work(work.kind, work.prompt_tokens, output_tokens)
         now = self._clock()
@@ -264,6 +266,18 @@ class Endpoint:
             if self._consecutive_errors < ERRORS_TO_DOWN and self._health is not Health.DOWN:
                 return
         self._mark_down(reason, now)
+
+    def observe_silent_loss(self, waited_s: float) -> None:
+        """A hedge elsewhere won while this server, after `waited_s`, had shown no first
+        token (its copy was cancelled, so no timeout ever fires here). One such is luck: a
+        stall, a long prefill ahead. Several in a row with nothing answered in between is
+        a server that stopped answering in time, which hedging would otherwise hide for
+        ever: down, as the timeouts would have made it without hedging."""
+        self._silent_losses += 1
+        if self._silent_losses >= SILENT_LOSSES_TO_DOWN:
+            self.failures += 1
+            self._mark_down(f"no first token within {waited_s:.2f}s in {self._silent_losses} "
+                            "hedged requests in a row", self._clock())
 
     def observe_queue(self, running: float | None, waiting: float | None) -> None:
         """The server's own queue, from its /metrics (None: unknown)."""
