@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from kube_api import KubeApi, endpoint, endpoint_slice, kubeconfig
 
+from modelfleet.config.schema import KubernetesDiscoverSpec
 from modelfleet.discovery.kubernetes import Backoff, KubernetesSource, endpoints_of
 from modelfleet.discovery.snapshot import Snapshot
 from modelfleet.testing import free_port
@@ -26,16 +26,10 @@ DEADLINE_S = 10.0
 FAST = Backoff(first_s=0.05, max_s=0.2)
 
 
-@dataclass(frozen=True)
-class Spec:
-    """The fields KubernetesSource reads (the config schema's KubernetesDiscoverSpec)."""
-
-    namespace: str = NS
-    service: str = SERVICE
-    port: int | None = 8000
-    port_name: str | None = None
-    kubeconfig: str | None = None
-    relist_s: float = 300.0
+def Spec(**fields: object) -> KubernetesDiscoverSpec:  # noqa: N802 (reads like the class)
+    """The `kubernetes:` mapping of a `discover:` entry: the test's Service, port 8000."""
+    return KubernetesDiscoverSpec(**{"namespace": NS, "service": SERVICE, "port": 8000,
+                                     **fields})
 
 
 async def poll(what: str, check: Callable[[], bool], deadline_s: float = DEADLINE_S,

@@ -2,8 +2,6 @@
 
 The stand-in API server (tests/kube_api.py) names sims on 127.0.0.1 as a Service's
 endpoints; the client reads them through KubernetesSource and routes real requests.
-It needs the client's discovery (client/discovered.py) and the `discover:` schema,
-which come from the dns branch: until the two are merged it is skipped.
 """
 
 from __future__ import annotations
@@ -16,15 +14,9 @@ import pytest
 from helpers import SimProcess
 from kube_api import KubeApi, endpoint, endpoint_slice, kubeconfig
 
-from modelfleet.config import schema
+from modelfleet.client import AsyncModelServer
+from modelfleet.config import FleetConfig, ModelSpec, RoutingSpec, schema
 from modelfleet.testing import free_port
-
-if not hasattr(schema, "KubernetesDiscoverSpec"):
-    pytest.skip("needs the discover: schema and the client's discovery (dns branch)",
-                allow_module_level=True)
-
-from modelfleet.client import AsyncModelServer  # noqa: E402
-from modelfleet.config import FleetConfig, ModelSpec, RoutingSpec  # noqa: E402
 
 TOKEN = "client-test-token-93b1"
 MESSAGES = [{"role": "user", "content": "hi"}]
