@@ -17,7 +17,7 @@ PROBE = Path(__file__).resolve().with_name("gate_probe.py")
 def run_gate(**env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("CI", "MODELFLEET_SKIP_REAL")}
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rsf",
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-rsf",
          str(PROBE)],
         cwd=PROBE.parents[2], env={**base, **env}, capture_output=True, text=True,
         timeout=120)
