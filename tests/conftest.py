@@ -27,14 +27,3 @@ def start_sim() -> Iterator[Callable[..., SimProcess]]:
     for sim in started:
         sim.close()
 
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`-n 2 --dist loadgroup`, the default), a test file runs whole in
-    one worker, in its order, so its module fixtures start once; the real-engine tier is
-    one group, so its vLLM fleets start one after another (each takes both cores), in file
-    order, while the other worker runs the fast tier. The tests wait on sims and
-    subprocesses far more than they compute, so two workers finish in about half the time
-    even on two cores."""
-    for item in items:
-        real = "real" in item.path.parent.parts[-1:]
-        item.add_marker(pytest.mark.xdist_group("real-engine" if real else item.path.name))

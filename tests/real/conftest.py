@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,21 @@ def skip_or_fail(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"the real-engine tier may not be skipped in CI: {reason}", pytrace=False)
     pytest.skip(f"real-engine tier skipped: {reason}")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_real_module_at_a_time() -> Iterator[None]:
+    """Under pytest-xdist (two workers, a test file whole in one) both workers may hold a
+    real-engine file at once; each starts vLLM fleets pinned to both cores, so they take
+    turns: a module's fleet starts only once the other's has stopped."""
+    path = cache_root() / "real-tier.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="session")
