@@ -112,6 +112,19 @@ class Workspace:
         return re.sub(pattern, lambda m: str(self.ports[int(m.group(1))]), text)
 
 
+def _stop_background(path: Path) -> None:
+    """A README block that starts a process in the background (`... & echo $! > X.pid`)
+    and a later one that stops it: should the later one fail, the process must not
+    outlive the test (it belongs to init by then, not to any tree we track)."""
+    for pid_file in path.glob("*.pid"):
+        try:
+            process = psutil.Process(int(pid_file.read_text().split()[0]))
+            if str(path) in (process.cwd() or ""):
+                process.kill()
+        except (ValueError, IndexError, OSError, psutil.Error):
+            continue
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
     """A copy of the default fleet on free ports, running under the real launcher."""
@@ -143,6 +156,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workspace]:
         tree = psutil.Process(launcher.pid).children(recursive=True)
         yield Workspace(path=path, ports=ports, env=env)
     finally:
+        _stop_background(path)
         launcher.terminate()
         try:
             launcher.wait(timeout=30)
