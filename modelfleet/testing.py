@@ -21,7 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 HOST = "127.0.0.1"
@@ -269,6 +269,22 @@ class SimProcess:
 # --------------------------------------------------------------------------------------------
 # `modelfleet gateway` as a subprocess.
 # --------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def running(sims: Iterable[SimProcess]) -> Iterator[list[SimProcess]]:
+    """Start every sim, then wait for each (so they boot side by side), and stop them all
+    however the block ends, one that never came up included."""
+    started: list[SimProcess] = []
+    try:
+        for sim in sims:
+            started.append(sim if sim.proc is not None else sim.spawn())
+        for sim in started:
+            sim.wait_ready()
+        yield started
+    finally:
+        for sim in started:
+            sim.close()
+
 
 class GatewayProcess:
     """`modelfleet gateway -c FILE --port PORT ...` on loopback, always stopped.

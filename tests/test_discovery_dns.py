@@ -28,7 +28,7 @@ from modelfleet.config import DiscoverSpec, FleetConfig, ModelSpec, RoutingSpec
 from modelfleet.discovery import Snapshot, Source
 from modelfleet.discovery.dns import DnsSource
 from modelfleet.errors import NoServerAvailable
-from modelfleet.testing import metric_value, shared_port
+from modelfleet.testing import metric_value, running, shared_port
 from modelfleet.testing_dns import LocalDns
 
 NAME = "llama.fleet.test"
@@ -40,16 +40,10 @@ MESSAGES = [{"role": "user", "content": "Tell me about the sea."}]
 def sims() -> Iterator[dict[str, SimProcess]]:
     """One sim per host of HOSTS, all on one port; by address."""
     port = shared_port(HOSTS)
-    started = [SimProcess(port, "m", host=host, flags={"speed": 50, "seed": i}).spawn()
-               for i, host in enumerate(HOSTS)]
-    try:
-        for sim in started:
-            sim.wait_ready(timeout=30)
-            assert sim.host in sim.address
+    with running(SimProcess(port, "m", host=host, flags={"speed": 50, "seed": i})
+                 for i, host in enumerate(HOSTS)) as started:
+        assert all(sim.host in sim.address for sim in started)
         yield {sim.address: sim for sim in started}
-    finally:
-        for sim in started:
-            sim.close()
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from kube_api import KubeApi, endpoint, endpoint_slice, kubeconfig
 
 from modelfleet.client import AsyncModelServer
 from modelfleet.config import FleetConfig, ModelSpec, RoutingSpec, schema
-from modelfleet.testing import free_port
+from modelfleet.testing import free_port, running
 
 TOKEN = "client-test-token-93b1"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -24,14 +24,8 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 
 @pytest.fixture(scope="module")
 def sims() -> Iterator[list[SimProcess]]:
-    started = [SimProcess(free_port(), "m", flags={"speed": 50}).spawn() for _ in range(2)]
-    try:
-        for sim in started:
-            sim.wait_ready(timeout=30)
+    with running(SimProcess(free_port(), "m", flags={"speed": 50}) for _ in range(2)) as started:
         yield started
-    finally:
-        for sim in started:
-            sim.close()
 
 
 async def until(what: str, check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:

@@ -21,6 +21,7 @@ from helpers import SimProcess, free_port, metric_value, write_fleet
 from ruamel.yaml import YAML
 
 from modelfleet.testing import HOST, GatewayProcess
+from modelfleet.testing import running as sims_running
 
 KEY = "sk-gateway-test-0123456789"
 PROMPT = "PROMPT-TEXT-NEVER-LOGGED"
@@ -35,15 +36,8 @@ def sims() -> Iterator[dict[str, SimProcess]]:
         "slow": SimProcess(free_port(), "slow", flags={"speed": 1}),
         "emb": SimProcess(free_port(), "emb", "embedding", flags={"speed": 50}),
     }
-    try:
-        for sim in started.values():
-            sim.spawn()
-        for sim in started.values():
-            sim.wait_ready()
+    with sims_running(started.values()):
         yield started
-    finally:
-        for sim in started.values():
-            sim.close()
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,7 @@ from helpers import SimProcess, free_port
 from modelfleet.client import AsyncModelServer, ModelServer
 from modelfleet.config import BenchmarkSpec, FleetConfig, ModelSpec, RoutingSpec, ServerSpec
 from modelfleet.errors import FleetError, NoServerAvailable, StreamInterrupted
+from modelfleet.testing import running
 
 STALL_S = 0.3  # routing.stall_timeout_s: the floor of every stall and answer deadline here
 #               (the sims answer at once: --speed 1e6 turns their simulated delays off)
@@ -150,16 +151,10 @@ def _params(test: str) -> list[Any]:
 @pytest.fixture(scope="module")
 def sims() -> Iterator[dict[str, SimProcess]]:
     """A chat sim ("m") and an embedding sim ("e"), with no simulated delays."""
-    started: dict[str, SimProcess] = {}
-    try:
-        for model, kind in (("m", "chat"), ("e", "embedding")):
-            started[model] = SimProcess(free_port(), model, kind, flags={"speed": 1e6}).spawn()
-        for sim in started.values():
-            sim.wait_ready()
+    started = {model: SimProcess(free_port(), model, kind, flags={"speed": 1e6})
+               for model, kind in (("m", "chat"), ("e", "embedding"))}
+    with running(started.values()):
         yield started
-    finally:
-        for sim in started.values():
-            sim.close()
 
 
 @pytest.fixture(scope="module")
