@@ -68,7 +68,7 @@ class RawStream(Ending):
     it properly (`data: [DONE]`, or one JSON body from a server that ignored `stream`).
     """
 
-    __slots__ = ("server", "sent_at", "stall_s", "content_type", "events",
+    __slots__ = ("_usage", "server", "sent_at", "stall_s", "content_type", "events",
                  "first_at", "finished", "_tail", "_eof")
 
     def __init__(self, response: ResponseBody, server: str, sent_at: float, stall_s: float,
@@ -83,6 +83,7 @@ class RawStream(Ending):
         self.finished = False
         self._tail = b""
         self._eof = False
+        self._usage: dict[str, int] | None = None  # read from the tail once it has ended
 
     async def first(self) -> bytes:
         """The bytes up to (at least) the first complete event, within the stall deadline;
@@ -184,6 +185,14 @@ class RawStream(Ending):
     @property
     def usage(self) -> dict[str, int]:
         """The usage the engine reported at the end (when the request asked for it)."""
+        if self._usage is None:
+            usage = self._usage_in_tail()
+            if self.ended_at is None:
+                return usage  # (the tail may still change)
+            self._usage = usage
+        return self._usage
+
+    def _usage_in_tail(self) -> dict[str, int]:
         at = self._tail.rfind(b'"usage"')
         if at < 0:
             return {}

@@ -112,9 +112,6 @@ async def _attempts(route: Route, work: Work, affinity: str | None, send: Send,
         if endpoint is None:
             state = state.stop("no server to try")
             break
-        deadline = endpoint.answer_deadline if whole else endpoint.stall_deadline
-        deadline_s = deadline(floor_s=routing.stall_timeout_s,
-                              ceiling_s=routing.request_timeout_s, work=work)
         if tally is not None:
             tally.attempt(endpoint.address)
         if hedging is not None:
@@ -128,7 +125,8 @@ async def _attempts(route: Route, work: Work, affinity: str | None, send: Send,
                 endpoint, failed = every.failures[-1]
         else:
             try:
-                value, seen = await send_once(route, endpoint, work, send, deadline_s, answer)
+                value, seen = await send_once(route, endpoint, work, send,
+                                              _deadline(endpoint, route, work, whole), answer)
             except EngineFailure as exc:
                 failed = exc
             else:

@@ -152,9 +152,7 @@ class Hedging:
             log.debug("%s: no first token from %s after %.3f s; hedging on %s",
                       route.spec.name, primary.address, delay, other.address)
             if tally is not None:
-                server, started = tally.server, tally.attempt_started
-                tally.attempt(other.address)
-                tally.server, tally.attempt_started = server, started
+                tally.copy_sent()
             copies.append(_Attempt(self, route, other, work, send, deadline_of(other), answer))
             return await self._first_of(route, copies, tally)
         finally:
