@@ -176,7 +176,7 @@ class ModelMetrics:
         self._continuations = {outcome: fleet.continuations.labels(model, outcome)
                                for outcome in CONTINUATION_OUTCOMES}
         self.cache_ratio: dict[str, float] = {}  # by server: the prefix-cache hit ratio
-        self._cache_seen: dict[str, tuple[float, float]] = {}  # its last (hits, queries)
+        self._cache_seen: dict[str, CacheSample] = {}  # its last sample with counters
         self._discovery_errors: Any = None  # bound for models with discover: only
 
     def tally(self) -> Tally:
@@ -225,10 +225,11 @@ class ModelMetrics:
                 self.cache_ratio[server] = cache.hit_ratio
             return
         before = self._cache_seen.get(server)
-        self._cache_seen[server] = (cache.hits, cache.queries)
-        if before is not None and cache.queries > before[1] and cache.hits >= before[0]:
-            self.cache_ratio[server] = (cache.hits - before[0]) / (cache.queries - before[1])
-        elif before is None or cache.queries < before[1]:
+        self._cache_seen[server] = cache
+        recent = cache.ratio_since(before)
+        if recent is not None:
+            self.cache_ratio[server] = recent
+        elif before is None or cache.queries < before.queries:  # type: ignore[operator]
             ratio = cache.hit_ratio
             if ratio is not None:
                 self.cache_ratio[server] = ratio

@@ -258,7 +258,7 @@ class FleetProber:
                 self._caches[(spec.name, server.address)] = cache
             rows.append(_row(spec, server, result, endpoint, status, reason, work,
                              picked is not None and picked.address == server.address,
-                             _recent_ratio(before, cache)))
+                             None if cache is None else cache.ratio_since(before)))
         return rows
 
 
@@ -284,17 +284,6 @@ def _would_pick(pool: Pool, policy: str, work: Any) -> Endpoint | None:
         return min(usable, key=lambda e: e.expected_latency(work))
     chosen = pool.choose(work)
     return chosen if chosen in usable else None
-
-
-def _recent_ratio(before: CacheSample | None, now: CacheSample | None) -> float | None:
-    """Hits / queries between two rounds; None without two samples or new queries."""
-    if before is None or now is None or None in (before.hits, before.queries, now.hits,
-                                                  now.queries):
-        return None
-    queries = now.queries - before.queries  # type: ignore[operator]
-    if queries <= 0 or now.hits < before.hits:  # type: ignore[operator]  # idle, or restarted
-        return None
-    return (now.hits - before.hits) / queries  # type: ignore[operator]
 
 
 def _status(result: ProbeResult, endpoint: Endpoint,

@@ -25,6 +25,15 @@ class CacheSample:
             return self.hits / self.queries
         return self.hit_rate
 
+    def ratio_since(self, before: CacheSample | None) -> float | None:
+        """Hits / queries between `before` and this sample; None without both counters in
+        both, with no new query since (idle), or when they went back (a restart)."""
+        if (before is None or None in (self.hits, self.queries, before.hits, before.queries)
+                or self.queries <= before.queries  # type: ignore[operator]
+                or self.hits < before.hits):  # type: ignore[operator]
+            return None
+        return (self.hits - before.hits) / (self.queries - before.queries)  # type: ignore[operator]
+
 
 @dataclass(frozen=True)
 class QueueSample:

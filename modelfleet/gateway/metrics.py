@@ -10,14 +10,6 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from modelfleet.client.core import AsyncModelServer
-from modelfleet.config import FleetConfig
-
-
-def fleet_with_metrics(config: FleetConfig, registry: CollectorRegistry) -> AsyncModelServer:
-    """The client core, recording its series on `registry`."""
-    return AsyncModelServer(config=config, metrics=registry)
-
 
 class GatewaySeries:
     """What only the gateway sees: requests it holds now, and requests it turned away."""

@@ -17,11 +17,11 @@ import sys
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from modelfleet.client.core import AsyncModelServer
 from modelfleet.config import FleetConfig, GatewaySpec
 from modelfleet.errors import UsageError
 from modelfleet.gateway.app import Gateway
 from modelfleet.gateway.auth import KeyCheck
-from modelfleet.gateway.metrics import fleet_with_metrics
 
 log = logging.getLogger("modelfleet.gateway")
 
@@ -48,7 +48,7 @@ async def serve(config: FleetConfig, spec: GatewaySpec, keys: tuple[bytes, ...],
     """The worker on the running loop; `stop` (else SIGTERM / SIGINT) starts the drain."""
     stop = stop or _on_signals()  # before anything: a signal while measuring stops it too
     registry = CollectorRegistry()
-    fleet = fleet_with_metrics(config, registry)
+    fleet = AsyncModelServer(config=config, metrics=registry)
     runner: web.AppRunner | None = None
     try:
         await fleet.warm()
