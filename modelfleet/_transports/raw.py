@@ -14,6 +14,7 @@ failure ends the stream; the caller reports it to its own client.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -69,7 +70,7 @@ class RawStream(Ending):
     """
 
     __slots__ = ("_usage", "server", "sent_at", "stall_s", "content_type", "events",
-                 "first_at", "finished", "_tail", "_eof")
+                 "first_at", "finished", "_recent", "_recent_len", "_eof")
 
     def __init__(self, response: ResponseBody, server: str, sent_at: float, stall_s: float,
                  *, on_end: Callable[[], None] | None = None) -> None:
@@ -81,7 +82,10 @@ class RawStream(Ending):
         self.events = 0  # `data:` lines seen (about one per token)
         self.first_at: float | None = None
         self.finished = False
-        self._tail = b""
+        # The stream's last chunks, at least _TAIL_KEPT bytes of them: joined only at the end,
+        # so a chunk costs an append, not a copy of the whole tail.
+        self._recent: deque[bytes] = deque()
+        self._recent_len = 0
         self._eof = False
         self._usage: dict[str, int] | None = None  # read from the tail once it has ended
 
@@ -175,11 +179,15 @@ class RawStream(Ending):
 
     def _count(self, data: bytes) -> None:
         self.events += data.count(b"data:")
-        self._tail = (self._tail + data)[-_TAIL_KEPT:]
+        recent = self._recent
+        recent.append(data)
+        self._recent_len += len(data)
+        while self._recent_len - len(recent[0]) >= _TAIL_KEPT:
+            self._recent_len -= len(recent.popleft())
 
     def _finish(self) -> None:
         if self.content_type != _JSON:
-            self.finished = _DONE_LINE in self._tail
+            self.finished = _DONE_LINE in self._tail()
         super()._finish()
 
     @property
@@ -192,13 +200,18 @@ class RawStream(Ending):
             self._usage = usage
         return self._usage
 
+    def _tail(self) -> bytes:
+        """The last _TAIL_KEPT bytes of the stream so far."""
+        return b"".join(self._recent)[-_TAIL_KEPT:]
+
     def _usage_in_tail(self) -> dict[str, int]:
-        at = self._tail.rfind(b'"usage"')
+        tail = self._tail()
+        at = tail.rfind(b'"usage"')
         if at < 0:
             return {}
-        start = self._tail.rfind(b"\n", 0, at) + 1
-        end = self._tail.find(b"\n", at)
-        line = self._tail[start:end if end >= 0 else len(self._tail)].strip()
+        start = tail.rfind(b"\n", 0, at) + 1
+        end = tail.find(b"\n", at)
+        line = tail[start:end if end >= 0 else len(tail)].strip()
         if line.startswith(b"data:"):
             line = line[5:].strip()
         try:
