@@ -53,8 +53,7 @@ class FirstTokenTimes:
         """The q-quantile of the window (None with fewer than MIN_SAMPLES)."""
         if len(self._samples) < MIN_SAMPLES:
             return None
-        ordered = sorted(self._samples)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+        return _at(sorted(self._samples), q)
 
     def hedge_after(self) -> float | None:
         """About the p95 (None before MIN_SAMPLES), never under FLOOR_S, re-sorted only every
@@ -68,8 +67,7 @@ class FirstTokenTimes:
             return None
         if self._delay is None or self._fresh >= RECOMPUTE_EVERY:
             ordered = sorted(self._samples)
-            p90, p95 = (ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-                        for q in (0.90, QUANTILE))
+            p90, p95 = _at(ordered, 0.90), _at(ordered, QUANTILE)
             self._delay, self._fresh = max(FLOOR_S, min(p95, OUTLIER_RATIO * p90)), 0
         return self._delay
 
@@ -94,3 +92,8 @@ class HedgeBudget(RetryBudget):
     def __init__(self, fraction: float, *, min_per_s: float = RESERVE_PER_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(ratio=fraction, min_per_s=min_per_s, clock=clock)
+
+
+def _at(ordered: list[float], q: float) -> float:
+    """The q-quantile of sorted samples (the sample at that rank, not interpolated)."""
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]

@@ -130,13 +130,17 @@ class PrefixIndex:
             return 0
         return self._held(server, blocks) * self.block_tokens
 
+    def _server(self, address: str) -> _ServerCache:
+        server = self._servers.get(address)
+        if server is None:
+            server = self._servers[address] = _ServerCache(address, self._default_capacity)
+        return server
+
     def record(self, address: str, blocks: Sequence[int], *, prompt_tokens: int,
                output_tokens: int = 0) -> int:
         """The server took a request with this prompt: from now on it holds every block.
         Returns the tokens it likely had cached already (its prefill skipped them)."""
-        server = self._servers.get(address)
-        if server is None:
-            server = self._servers[address] = _ServerCache(address, self._default_capacity)
+        server = self._server(address)
         held = self._held(server, blocks) if blocks else 0
         cached = held * self.block_tokens
         uncached = max(prompt_tokens - cached, 0)
@@ -161,9 +165,7 @@ class PrefixIndex:
         hits, queries, capacity_tokens = (
             v if v is None or math.isfinite(v) else None  # a broken exporter's NaN / Inf
             for v in (hits, queries, capacity_tokens))
-        server = self._servers.get(address)
-        if server is None:
-            server = self._servers[address] = _ServerCache(address, self._default_capacity)
+        server = self._server(address)
         if capacity_tokens is not None:
             server.capacity = max(float(capacity_tokens), 0.0)
         if hits is None or queries is None:
