@@ -357,7 +357,10 @@ def test_metrics_count_whole_answers_and_streams_and_show_no_key(gateway: Gatewa
     pieces = list(oa.chat.completions.create(
         model="small", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True))
     assert pieces
-    after = scrape()
+    # A stream is counted at its end, just after its last bytes reach the client.
+    deadline = time.monotonic() + 10
+    while ok(after := scrape()) - ok(before) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     # one whole answer and one stream, each counted once, at its end
     assert ok(after) - ok(before) == 2, after
     ttft = "modelfleet_time_to_first_token_seconds_count"
